@@ -1,0 +1,46 @@
+# m3w: `make demo` and `make test` each install everything first, so each is one command on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines: torch==2.13.0 (a CPU wheel where the package index provides one). GPU machines: override, e.g.
+# `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.m3w-installed
+export RAY_USAGE_STATS_ENABLED := 0
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: setup
+	$(BIN)/python -m demo.run --out demo-out
+
+bench: setup
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/images.py
+	$(BIN)/python bench/shards.py
+	$(BIN)/python bench/model_step.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train_step.py
+
+lint: setup
+	$(BIN)/ruff check pipeline trainer model schemas tests bench demo
+	$(BIN)/ruff format --check pipeline trainer model schemas tests bench demo
+
+clean:
+	rm -rf $(VENV) demo-out bench-out

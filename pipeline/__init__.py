@@ -1,0 +1,1 @@
+"""m3w pipeline."""
