@@ -11,21 +11,30 @@ import os
 
 import click
 
-# name → "module:attribute" of a click command or group
+# name → ("module:attribute" of a click command or group, one-line help shown by `m3w --help`)
 COMMANDS = {
-    "extract": "pipeline.extract:extract_cmd",
-    "docs": "pipeline.docs:docs_group",
-    "filter": "pipeline.filter:filter_cmd",
-    "stats": "pipeline.stats:stats_cmd",
-    "images": "pipeline.images:images_cmd",
-    "tokenizer": "pipeline.tokenizer:tokenizer_group",
-    "shards": "pipeline.shards:shards_group",
-    "interop": "pipeline.interop:interop_group",
-    "inspect": "pipeline.inspect:inspect_cmd",
-    "build": "pipeline.build:build_cmd",
-    "model": "model.cli:model_group",
-    "train": "trainer.cli:train_cmd",
-    "eval": "trainer.evaluate:eval_cmd",
+    "extract": ("pipeline.extract:extract_cmd", "WARC files → documents/ (interleaved text and images)."),
+    "docs": ("pipeline.docs:docs_group", "Look at documents: `m3w docs to-jsonl PATH`."),
+    "filter": ("pipeline.filter:filter_cmd", "documents/ → filtered/ + excluded/ (quality filters, dedup)."),
+    "stats": ("pipeline.stats:stats_cmd", "Funnel table and chart from stage manifests."),
+    "images": (
+        "pipeline.images:images_cmd",
+        "Fetch, validate and resize images into the content-addressed store.",
+    ),
+    "tokenizer": ("pipeline.tokenizer_cli:tokenizer_group", "Train the default tokenizer."),
+    "shards": (
+        "pipeline.shards:shards_group",
+        "filtered/ + images/ → WebDataset shards (M3W windows, pairs, video).",
+    ),
+    "interop": (
+        "pipeline.interop:interop_group",
+        "Import OBELICS/MMC4 documents; export to Hugging Face datasets.",
+    ),
+    "inspect": ("pipeline.inspect:inspect_cmd", "Render shards or documents as a self-contained HTML page."),
+    "build": ("pipeline.build:build_cmd", "Run every stage in order from one YAML config."),
+    "model": ("model.cli:model_group", "Model utilities: `m3w model info`."),
+    "train": ("trainer.cli:train_cmd", "Train the Flamingo model on mixed shard streams."),
+    "eval": ("trainer.evaluate:eval_cmd", "Few-shot evaluation: captioning, VQA, classification."),
 }
 
 
@@ -34,11 +43,14 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None:
+        if cmd_name not in COMMANDS:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = COMMANDS[cmd_name][0].split(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
