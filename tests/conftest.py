@@ -6,7 +6,10 @@ import functools
 import http.server
 import os
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,64 @@ def start_http_server(
     return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
+@dataclass
+class Route:
+    """One canned response of `serve_routes`: status, headers, body, a delay before answering, and whether to
+    send Content-Length (without it the body ends when the connection closes)."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    send_length: bool = True
+
+
+@pytest.fixture
+def serve_routes() -> Iterator[Callable[[dict[str, Route]], tuple[str, Counter]]]:
+    """Factory: serve {path: Route} over HTTP/1.1 on 127.0.0.1; returns (base_url, hits per path). Unknown
+    paths get 404. The servers stop at the end of the test."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def serve(routes: dict[str, Route]) -> tuple[str, Counter]:
+        hits: Counter = Counter()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (cap, timeout)
+                    pass
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                hits[self.path] += 1
+                route = routes.get(self.path, Route(b"not found", 404))
+                time.sleep(route.delay)
+                self.send_response(route.status)
+                for key, value in route.headers.items():
+                    self.send_header(key, value)
+                if route.send_length:
+                    self.send_header("Content-Length", str(len(route.body)))
+                else:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(route.body)
+
+            def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+                pass
+
+        url, server = start_http_server(Path("."), Handler)
+        servers.append(server)
+        return url, hits
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def serve_dir() -> Iterator[Callable[[Path], str]]:
     """Factory: serve a directory over HTTP on 127.0.0.1 for the rest of the session; returns its base URL."""
@@ -71,3 +132,31 @@ def serve_dir() -> Iterator[Callable[[Path], str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def shards_corpus(tmp_path_factory, webcorpus, ray_address):
+    """Webcorpus pages through extract → filter → images (loopback image server): the shard-stage input."""
+    from shards_corpus import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("shards_corpus"), webcorpus, start_http_server)
+
+
+@pytest.fixture(scope="session")
+def cc_crawl(tmp_path_factory, webcorpus, serve_dir) -> tuple[str, str, int]:
+    """A Common Crawl-like tree served on 127.0.0.1: `crawl-data/CC-MAIN-2099-01/warc.paths.gz` listing every
+    webcorpus WARC (symlinked under `crawl-data/.../segments/0/warc/`). Returns (base_url, crawl_id, n_warcs);
+    use with `m3w extract --crawl CRAWL_ID --cc-base-url BASE_URL [--limit N]`."""
+    import gzip
+
+    crawl_id = "CC-MAIN-2099-01"
+    root = tmp_path_factory.mktemp("cc")
+    warc_dir = root / "crawl-data" / crawl_id / "segments" / "0" / "warc"
+    warc_dir.mkdir(parents=True)
+    rel_paths = []
+    for warc in sorted((webcorpus / "warc").glob("*.warc.gz")):
+        (warc_dir / warc.name).symlink_to(warc.resolve())
+        rel_paths.append(f"crawl-data/{crawl_id}/segments/0/warc/{warc.name}")
+    with gzip.open(root / "crawl-data" / crawl_id / "warc.paths.gz", "wt") as f:
+        f.write("\n".join(rel_paths) + "\n")
+    return serve_dir(root), crawl_id, len(rel_paths)

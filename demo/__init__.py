@@ -1,0 +1,1 @@
+"""`make demo`: a synthetic web (`demo.web`) and the end-to-end run over it (`demo.run`)."""

@@ -1,0 +1,638 @@
+"""One HTML page → an interleaved document: ordered text / image / video nodes of its main content.
+
+Three steps, each small:
+1. `decode_html`: bytes → str from the BOM, the HTTP charset, the `<meta>` charset, UTF-8, then detection.
+2. `_walk`: one iterative pre-order walk over the lexbor DOM that turns the page into flat *blocks* (a paragraph of
+   text, an image, a video), each owned by the innermost block element it sits in, and records every element's
+   parent, tag and boilerplate / content signals. Iterative, so pathological nesting cannot blow the stack.
+3. `_select_main`: a measured main-content choice. Text blocks vote for their containers (readability-style:
+   parent full score, grandparent half) weighted by length, commas and link density; the best container wins,
+   along with siblings that score well, then is widened to take the page's headline (and the lead image next to
+   it) when that costs little extra text. Boilerplate regions (nav/aside/footer, menus, share bars, cookie and
+   newsletter banners, related links, comments, by tag, role, class or id) are dropped unless they hold the
+   content. Content inside tables, lists and figures survives when it *is* the content.
+
+Images keep their resolved URL (RFC 3986 against `<base href>`, then the page URL), alt, title, figcaption and
+declared size; the largest `srcset` / `<picture><source>` candidate and lazy-load attributes are honoured;
+`data:` URIs, tracking pixels, icons, logos and spacers are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from selectolax.lexbor import LexborHTMLParser, LexborNode
+
+
+@dataclass
+class PageOptions:
+    """How one page becomes a document. Defaults are what the quality targets were measured with."""
+
+    max_html_bytes: int = 5_000_000  # pages above this are skipped (counted as skip.too_large)
+    max_depth: int = 400  # deeper DOMs are pathological (counted as skip.nesting)
+    max_replacement_ratio: float = 0.01  # more U+FFFD than this after decoding → skip.undecodable
+    main_content: bool = True  # False keeps every non-hidden block (no boilerplate removal)
+    min_image_side: int = 50  # declared width or height below this → an icon, not a content image
+    min_paragraph_chars: int = 25  # text blocks shorter than this do not vote for their container
+
+
+class PageSkip(Exception):
+    """A page that yields no document; `reason` becomes the `skip.<reason>` count."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+_CHARSET_ALIASES = {
+    # WHATWG encoding standard: these labels mean the superset on the web.
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "us-ascii": "cp1252",
+    "ascii": "cp1252",
+    "iso-8859-9": "cp1254",
+    "tis-620": "cp874",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "sjis": "cp932",
+    "x-sjis": "cp932",
+    "ms_kanji": "cp932",
+    "windows-31j": "cp932",
+    "euc-jp": "euc_jis_2004",
+    "x-euc-jp": "euc_jis_2004",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "big5": "big5hkscs",
+    "euc-kr": "cp949",
+    "ks_c_5601-1987": "cp949",
+    "utf-16": "utf-8",  # a <meta> claiming UTF-16 in ASCII-compatible bytes means UTF-8 (WHATWG)
+    "unicode": "utf-8",
+}
+_SINGLE_BYTE_LATIN = {"cp1252", "cp1254", "iso8859-15", "iso-8859-15"}
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_.:-]+)""", re.I)
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def normalize_charset(label: str | None) -> str | None:
+    """A Python codec name for an HTTP/meta charset label, or None if unknown."""
+    if not label:
+        return None
+    label = label.strip().strip("\"'").lower()
+    label = _CHARSET_ALIASES.get(label, label)
+    try:
+        return codecs.lookup(label).name
+    except LookupError:
+        return None
+
+
+def _try_decode(body: bytes, codec: str, max_bad: float) -> str | None:
+    try:
+        return body.decode(codec)
+    except UnicodeDecodeError:
+        text = body.decode(codec, errors="replace")
+        # A few bad bytes (a cut multibyte char, one stray byte) are normal on the web; many mean a wrong codec.
+        return text if text.count("\ufffd") <= max_bad * max(len(text), 1) else None
+
+
+def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0.01) -> tuple[str, str]:
+    """Decode page bytes: BOM, then HTTP charset, then `<meta>` charset, then UTF-8, then detection.
+
+    Returns (text, codec). Raises PageSkip("undecodable") when no codec yields text with few enough U+FFFD.
+    """
+    for bom, codec in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom) :].decode(codec, errors="replace"), codec
+    meta = _META_CHARSET.search(body[:4096])
+    declared = [normalize_charset(http_charset), normalize_charset(meta.group(1).decode("ascii") if meta else None)]
+    for codec in dict.fromkeys(c for c in declared if c):
+        if codec in _SINGLE_BYTE_LATIN and not body.isascii():
+            # "iso-8859-1" is the default many servers send for UTF-8 pages: valid UTF-8 wins over it.
+            try:
+                return body.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                pass
+        text = _try_decode(body, codec, max_bad)
+        if text is not None:
+            return text, codec
+    text = _try_decode(body, "utf-8", max_bad)
+    if text is not None:
+        return text, "utf-8"
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(body[:200_000]).best()
+    codec = normalize_charset(best.encoding) if best else None
+    if codec:
+        text = _try_decode(body, codec, max_bad)
+        if text is not None:
+            return text, codec
+    raise PageSkip("undecodable", f"no charset decodes the page (declared {declared})")
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+
+_SRCSET_SPLIT = re.compile(r",\s+|(?<=\d[wx]),")
+
+
+def parse_srcset(srcset: str) -> list[tuple[str, float, str]]:
+    """`srcset` → [(url, value, "w" | "x")]; a candidate without a descriptor is 1x."""
+    out = []
+    for part in _SRCSET_SPLIT.split(srcset.strip()):
+        bits = part.strip().split()
+        if not bits:
+            continue
+        url, value, unit = bits[0].rstrip(","), 1.0, "x"
+        if len(bits) > 1 and bits[1][-1:] in ("w", "x"):
+            try:
+                value, unit = float(bits[1][:-1]), bits[1][-1]
+            except ValueError:
+                pass
+        out.append((url, value, unit))
+    return out
+
+
+def largest_candidate(candidates: list[tuple[str, float, str]]) -> str | None:
+    """The largest candidate: by width descriptor when any has one, else by density."""
+    if not candidates:
+        return None
+    widths = [c for c in candidates if c[2] == "w"]
+    pool = widths or candidates
+    return max(pool, key=lambda c: c[1])[0]
+
+
+def resolve_url(base: str, url: str | None) -> str | None:
+    """RFC 3986 resolution of `url` against `base`; None for data:/javascript: and non-http(s) results."""
+    if not url:
+        return None
+    url = url.strip()
+    if not url or url.startswith(("data:", "javascript:", "about:", "blob:", "#")):
+        return None
+    try:
+        absolute = urljoin(base, url)
+        scheme = urlsplit(absolute).scheme
+    except ValueError:
+        return None
+    return absolute if scheme in ("http", "https") else None
+
+
+# ---------------------------------------------------------------------------------------------- DOM vocabulary
+
+BLOCK_OF_TAG = {
+    **{f"h{i}": "heading" for i in range(1, 7)},
+    **dict.fromkeys(("li", "dd", "dt"), "list_item"),
+    **dict.fromkeys(("figcaption", "caption"), "caption"),
+    **dict.fromkeys(("td", "th"), "table_cell"),
+    "blockquote": "quote",
+    "pre": "code",
+    **dict.fromkeys(
+        (
+            "p", "div", "section", "article", "main", "header", "footer", "address", "center", "body", "ul", "ol",
+            "dl", "table", "thead", "tbody", "tfoot", "tr", "figure", "nav", "aside", "hr", "form", "fieldset",
+            "details", "summary", "legend", "menu", "hgroup", "picture",
+        ),
+        "paragraph",
+    ),
+}  # fmt: skip
+SKIP_TAGS = frozenset(
+    "script style noscript template svg math iframe frame frameset object embed canvas input select textarea "
+    "button option optgroup datalist head title meta link area map audio track dialog param".split()
+)
+BOILERPLATE_TAGS = frozenset(("nav", "aside", "footer", "menu"))
+BOILERPLATE_ROLES = frozenset(
+    ("navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar", "dialog", "alert")
+)
+# Tokens of class/id values that name page furniture. Matched per token (split on -, _, space, camelCase).
+_BOILERPLATE_TOKENS = frozenset(
+    """nav navbar navigation menu menubar submenu breadcrumb breadcrumbs footer sidebar sidebars widget widgets
+    cookie cookies consent gdpr newsletter subscribe subscription signup login signin register share sharing
+    shares social sociallinks socialmedia related recommended recommendations outbrain taboola comments comment
+    disqus respond pagination pager advert advertisement ads ad adsense sponsor sponsored promo banner popup
+    modal overlay toolbar skip skiplink masthead topbar tagcloud tags trending popular mostread moreread
+    teaser teasers jump print byline-share author-box copyright legal""".split()
+)
+_CONTENT_TOKENS = frozenset(
+    "article articlebody content main post entry story text body blog news hentry postbody storybody".split()
+)
+_TOKEN_SPLIT = re.compile(r"[\s_\-:./]+|(?<=[a-z])(?=[A-Z])")
+_HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
+_STYLE_SIZE = re.compile(r"(width|height)\s*:\s*(\d+)px", re.I)
+_JUNK_IMAGE = re.compile(
+    r"pixel|spacer|blank\.gif|transparent\.(gif|png)|clear\.gif|1x1|beacon|/track|tracking|doubleclick|"
+    r"facebook\.com/tr|google-analytics|googletagmanager|scorecardresearch|quantserve|/b/ss/|"
+    r"(^|[/_.-])(logo|logos|icon|icons|favicon|sprite|sprites|avatar|avatars|badge|emoji|emoticons?|smilies|"
+    r"button|buttons|arrow|bullet|rating|stars?|gravatar|spinner|loading|loader|placeholder|lazy)([/_.-]|\d|$)",
+    re.I,
+)
+_JUNK_CLASS = re.compile(r"logo|icon|avatar|emoji|sprite|badge|gravatar|author-?(img|image|photo)", re.I)
+_LAZY_ATTRS = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-hi-res-src")
+_LAZY_SRCSETS = ("data-srcset", "data-lazy-srcset", "srcset")
+_LINE_BREAK = "\u2028"
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.lower() for t in _TOKEN_SPLIT.split(value) if t}
+
+
+def _int_size(value: str | None) -> int | None:
+    if not value:
+        return None
+    m = re.match(r"\s*(\d+)(?:\.\d+)?\s*(px)?\s*$", value)
+    return int(m.group(1)) if m else None
+
+
+def _clean(text: str | None) -> str | None:
+    if not text:
+        return None
+    text = " ".join(text.split())
+    return text or None
+
+
+# ---------------------------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class _Block:
+    kind: str  # text | image | video
+    owner: int  # index of the innermost block element holding it
+    dom_index: int
+    text: str = ""
+    block: str = "paragraph"
+    link_chars: int = 0
+    level: int = 0  # heading level (1-6), 0 otherwise
+    media: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Page:
+    parent: list[int] = field(default_factory=list)
+    tag: list[str] = field(default_factory=list)
+    boiler: list[bool] = field(default_factory=list)  # tag / role / class / id say: page furniture
+    header_like: list[bool] = field(default_factory=list)  # <header>: furniture unless it holds the headline
+    content_hint: list[int] = field(default_factory=list)  # 2: article/main/articleBody; 1: content-ish class
+    blocks: list[_Block] = field(default_factory=list)
+    image_drops: Counter = field(default_factory=Counter)
+
+
+class _Walker:
+    """Pre-order walk of <body> into blocks. Text accumulates until a block boundary flushes it."""
+
+    def __init__(self, base_url: str, options: PageOptions) -> None:
+        self.base_url = base_url
+        self.options = options
+        self.page = _Page()
+        self.dom_index = 0
+        self.pieces: list[str] = []
+        self.link_chars = 0
+        self.block_owner = -1
+        self.block_kind = "paragraph"
+        self.block_level = 0
+        self.block_dom = 0
+
+    # -- elements
+    def _new_element(self, node: LexborNode, tag: str, parent: int) -> int:
+        attrs = node.attributes
+        idx = len(self.page.tag)
+        self.page.parent.append(parent)
+        self.page.tag.append(tag)
+        names = " ".join(v for k in ("class", "id") if (v := attrs.get(k)))
+        tokens = _tokens(names) if names else set()
+        role = (attrs.get("role") or "").lower()
+        boiler = tag in BOILERPLATE_TAGS or role in BOILERPLATE_ROLES or bool(tokens & _BOILERPLATE_TOKENS)
+        hint = 0
+        if tag in ("article", "main") or role == "main" or (attrs.get("itemprop") or "").lower() == "articlebody":
+            hint = 2
+        elif tokens & _CONTENT_TOKENS:
+            hint = 1
+        self.page.boiler.append(boiler and tag not in ("body", "html", "article", "main"))
+        self.page.header_like.append(tag == "header" or "header" in tokens or role == "banner")
+        self.page.content_hint.append(hint)
+        return idx
+
+    @staticmethod
+    def _hidden(attrs: dict[str, str | None]) -> bool:
+        if "hidden" in attrs or (attrs.get("aria-hidden") or "").lower() == "true":
+            return True
+        style = attrs.get("style")
+        return bool(style and _HIDDEN_STYLE.search(style))
+
+    # -- text blocks
+    def _flush(self) -> None:
+        if not self.pieces:
+            return
+        raw = "".join(self.pieces)
+        self.pieces = []
+        if self.block_kind == "code":
+            text = raw.replace(_LINE_BREAK, "\n").strip("\n")
+        else:
+            lines = (" ".join(line.split()) for line in raw.split(_LINE_BREAK))
+            text = "\n".join(line for line in lines if line)
+        if text.strip():
+            self.page.blocks.append(
+                _Block(
+                    "text", self.block_owner, self.block_dom, text=text, block=self.block_kind,
+                    link_chars=min(self.link_chars, len(text)), level=self.block_level,
+                )
+            )  # fmt: skip
+        self.link_chars = 0
+
+    # -- media
+    def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
+        candidates: list[tuple[str, float, str]] = []
+        parent = node.parent
+        if parent is not None and parent.tag == "picture":
+            for source in parent.iter():
+                if source.tag == "source":
+                    sattrs = source.attributes
+                    candidates += parse_srcset(sattrs.get("srcset") or sattrs.get("data-srcset") or "")
+        for name in _LAZY_SRCSETS:
+            if attrs.get(name):
+                candidates += parse_srcset(attrs[name])
+        raw = largest_candidate([c for c in candidates if not c[0].startswith("data:")])
+        if raw is None:
+            raw = next((attrs[a] for a in _LAZY_ATTRS if attrs.get(a)), None) or attrs.get("src")
+        if raw and raw.strip().startswith("data:"):
+            self.page.image_drops["data_uri"] += 1
+            return
+        url = resolve_url(self.base_url, raw)
+        if url is None:
+            self.page.image_drops["no_url"] += 1
+            return
+        width, height = _int_size(attrs.get("width")), _int_size(attrs.get("height"))
+        style = attrs.get("style")
+        if style:
+            for dim, value in _STYLE_SIZE.findall(style):
+                if dim.lower() == "width" and width is None:
+                    width = int(value)
+                elif dim.lower() == "height" and height is None:
+                    height = int(value)
+        side = self.options.min_image_side
+        if (width is not None and width < side) or (height is not None and height < side):
+            self.page.image_drops["small" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
+            return
+        path = urlsplit(url).path.lower()
+        if _JUNK_IMAGE.search(url) or path.endswith((".svg", ".ico")) or _JUNK_CLASS.search(attrs.get("class") or ""):
+            self.page.image_drops["icon_or_tracking"] += 1
+            return
+        self.page.blocks.append(
+            _Block(
+                "image", owner, self.dom_index,
+                media={
+                    "url": url, "alt": _clean(attrs.get("alt")), "title": _clean(attrs.get("title")),
+                    "figcaption": _figcaption(node), "width": width, "height": height,
+                },
+            )
+        )  # fmt: skip
+
+    def _video(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
+        raw = attrs.get("src") or attrs.get("data-src")
+        if not raw:
+            for child in node.iter():
+                if child.tag == "source" and child.attributes.get("src"):
+                    raw = child.attributes["src"]
+                    break
+        url = resolve_url(self.base_url, raw)
+        if url is not None:
+            media = {
+                "url": url, "alt": None, "title": _clean(attrs.get("title")), "figcaption": _figcaption(node),
+                "width": _int_size(attrs.get("width")), "height": _int_size(attrs.get("height")),
+            }  # fmt: skip
+            self.page.blocks.append(_Block("video", owner, self.dom_index, media=media))
+
+    # -- the walk
+    def walk(self, root: LexborNode) -> _Page:
+        max_depth = self.options.max_depth
+        root_idx = self._new_element(root, root.tag or "body", -1)
+        # frame: (node, element index, is block element, is link, saved block state)
+        stack: list[tuple[LexborNode, int, bool, bool, tuple]] = [
+            (root, root_idx, True, False, (root_idx, "paragraph", 0, 0))
+        ]
+        self.block_owner, self.block_kind = root_idx, "paragraph"
+        in_link = 0
+        node = root.child
+        while True:
+            if node is None:
+                frame_node, idx, is_block, is_link, saved = stack.pop()
+                if is_block:
+                    self._flush()
+                    self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
+                if is_link:
+                    in_link -= 1
+                if not stack:
+                    break
+                node = frame_node.next
+                continue
+            if node.is_text_node:
+                text = node.text_content
+                if text:
+                    if not self.pieces:
+                        self.block_dom = self.dom_index
+                    self.pieces.append(text)
+                    if in_link:
+                        self.link_chars += len(text.strip())
+                node = node.next
+                continue
+            tag = node.tag
+            if not node.is_element_node or tag in SKIP_TAGS:
+                node = node.next
+                continue
+            self.dom_index += 1
+            attrs = node.attributes
+            if self._hidden(attrs):
+                node = node.next
+                continue
+            if tag == "br":
+                self.pieces.append(_LINE_BREAK)
+                node = node.next
+                continue
+            if tag in ("img", "video"):
+                self._flush()
+                owner = stack[-1][1] if stack else root_idx
+                (self._image if tag == "img" else self._video)(node, attrs, owner)
+                node = node.next
+                continue
+            idx = self._new_element(node, tag, stack[-1][1])
+            block = BLOCK_OF_TAG.get(tag)
+            saved: tuple = ()
+            if block is not None:
+                self._flush()
+                saved = (self.block_owner, self.block_kind, self.block_level, self.block_dom)
+                # Containers (div, ul, table...) keep an enclosing specific kind (a div inside an li is a list item).
+                if block != "paragraph" or tag == "p" or self.block_kind == "paragraph":
+                    self.block_kind = block
+                self.block_owner = idx
+                self.block_level = int(tag[1]) if block == "heading" else self.block_level
+            is_link = tag == "a"
+            in_link += is_link
+            if len(stack) >= max_depth:
+                raise PageSkip("nesting", f"DOM deeper than {max_depth}")
+            if node.child is None:
+                if block is not None:
+                    self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
+                in_link -= is_link
+                node = node.next
+                continue
+            stack.append((node, idx, block is not None, is_link, saved))
+            node = node.child
+        return self.page
+
+
+def _figcaption(node: LexborNode) -> str | None:
+    """The caption of the <figure> (up to 4 levels up) holding this image or video."""
+    parent, depth = node.parent, 0
+    while parent is not None and depth < 4:
+        if parent.tag == "figure":
+            caption = parent.css_first("figcaption")
+            return _clean(caption.text(separator=" ")) if caption is not None else None
+        parent, depth = parent.parent, depth + 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- main content
+
+
+def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
+    n = len(page.tag)
+    if not n:
+        return []
+    parent = page.parent
+    text_len = [0] * n
+    link_len = [0] * n
+    has_h1 = [False] * n
+    for b in page.blocks:
+        if b.kind != "text":
+            continue
+        e, length = b.owner, len(b.text)
+        while e >= 0:
+            text_len[e] += length
+            link_len[e] += b.link_chars
+            has_h1[e] = has_h1[e] or b.level == 1
+            e = parent[e]
+    total = max(text_len[0], 1)
+
+    # Furniture is dropped unless it holds the content (a "has-sidebar" wrapper around the article).
+    dropped = [False] * n
+    for e in range(n):
+        furniture = page.boiler[e] or (page.header_like[e] and not has_h1[e])
+        if furniture and text_len[e] < 0.5 * total and page.content_hint[e] < 2:
+            dropped[e] = True
+        if e and dropped[parent[e]]:
+            dropped[e] = True
+    if not options.main_content:
+        return page.blocks
+
+    def density(e: int) -> float:
+        return link_len[e] / text_len[e] if text_len[e] else 0.0
+
+    # Content mass: prose (long, few links) counts for an element, link text and short fragments against it.
+    # The best element maximises prose - noise, so it grows exactly while growing adds more prose than noise.
+    balance = [0.0] * n
+    min_chars = options.min_paragraph_chars
+    for b in page.blocks:
+        if b.kind != "text" or dropped[b.owner]:
+            continue
+        length = len(b.text)
+        if b.level:
+            value = 0.0
+        elif length >= min_chars and b.link_chars <= 0.3 * length:
+            value = length - b.link_chars
+        else:
+            value = -(b.link_chars + 0.5 * (length - b.link_chars))
+        e = b.owner
+        while e >= 0:
+            balance[e] += value
+            e = parent[e]
+    top = max(range(n), key=lambda e: (balance[e], page.content_hint[e]))
+    if balance[top] <= 0:
+        top = 0  # no prose (a gallery, a short page): everything that is not furniture
+    selected = _widen_to_headline(page, top, text_len, has_h1, dropped)
+
+    inside = [False] * n
+    for e in range(n):
+        inside[e] = not dropped[e] and (e == selected or (e > 0 and inside[parent[e]]))
+    kept = []
+    for b in page.blocks:
+        if not inside[b.owner]:
+            continue
+        if b.kind == "text" and not b.level:
+            # Link lists inside the content ("Read more", tag clouds, related stories) are furniture too.
+            if b.link_chars > 0.6 * len(b.text) or (density(b.owner) > 0.6 and text_len[b.owner] < 1000):
+                continue
+        elif b.kind != "text" and density(b.owner) > 0.6 and text_len[b.owner] > 0:
+            continue  # teaser thumbnails whose captions are links
+        kept.append(b)
+    return kept
+
+
+def _widen_to_headline(page: _Page, top: int, text_len: list[int], has_h1: list[bool], dropped: list[bool]) -> int:
+    """Climb from the content root to the ancestor holding the headline (h1), when that adds little text.
+
+    That ancestor is usually the article wrapper with headline, byline and lead image."""
+    e = top
+    budget = max(0.3 * text_len[top], 400)
+    while e > 0 and not has_h1[e]:
+        e = page.parent[e]
+        if text_len[e] - text_len[top] > budget or dropped[e]:
+            return top
+    return e if e > 0 else top
+
+
+# ---------------------------------------------------------------------------------------------- page API
+
+
+@dataclass
+class ExtractedPage:
+    title: str | None
+    lang: str | None
+    og_image: str | None
+    nodes: list[dict[str, Any]]
+    image_drops: Counter
+
+
+def _head_info(tree: LexborHTMLParser, page_url: str) -> tuple[str, str | None, str | None, str | None]:
+    base = page_url
+    base_node = tree.css_first("base[href]")
+    if base_node is not None:
+        resolved = resolve_url(page_url, base_node.attributes.get("href"))
+        base = resolved or base
+    title_node = tree.css_first("title")
+    title = _clean(title_node.text()) if title_node is not None else None
+    og_image = None
+    for meta in tree.css("meta[property], meta[name]"):
+        attrs = meta.attributes
+        key = (attrs.get("property") or attrs.get("name") or "").lower()
+        if key in ("og:image", "og:image:url", "og:image:secure_url", "twitter:image", "twitter:image:src"):
+            og_image = resolve_url(base, attrs.get("content"))
+            if og_image and key.startswith("og:"):
+                break
+    html = tree.css_first("html")
+    lang = _clean(html.attributes.get("lang")) if html is not None else None
+    return base, title, lang, og_image
+
+
+def extract_page(html: str, page_url: str, options: PageOptions | None = None) -> ExtractedPage:
+    """Parse one decoded page into ordered nodes (the document's `nodes` column) and page metadata."""
+    options = options or PageOptions()
+    tree = LexborHTMLParser(html)
+    base, title, lang, og_image = _head_info(tree, page_url)
+    body = tree.body or tree.root
+    if body is None:
+        raise PageSkip("empty", "no <body>")
+    page = _Walker(base, options).walk(body)
+    blocks = _select_main(page, options)
+    nodes = []
+    for b in blocks:
+        node: dict[str, Any] = {"kind": b.kind, "node_index": len(nodes), "dom_index": b.dom_index}
+        if b.kind == "text":
+            node.update(text=b.text, block=b.block)
+        else:
+            node.update(b.media)
+        nodes.append(node)
+    return ExtractedPage(title=title, lang=lang, og_image=og_image, nodes=nodes, image_drops=page.image_drops)

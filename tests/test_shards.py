@@ -1,0 +1,197 @@
+"""`m3w shards m3w` end to end on webcorpus pages (extract → filter → images from a loopback server → shards)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.imagestore import ImageStore
+from pipeline.shards import ShardsConfig, run_m3w_shards
+from pipeline.tario import iter_tar_samples
+from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
+from pipeline.windows import decode
+from schemas import shards as spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ShardsConfig(shard_max_samples=8)  # several shards from a small corpus
+
+
+def tar_samples(shard_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
+    return [s for tar in sorted(shard_dir.glob("*.tar")) for s in iter_tar_samples(tar)]
+
+
+def all_bytes(shard_dir: Path) -> dict[str, bytes]:
+    """Every shard and the shard manifest, by name: what 'byte-identical' compares."""
+    return {p.name: p.read_bytes() for p in sorted(shard_dir.glob("*.tar"))} | {
+        spec.SHARD_MANIFEST: (shard_dir / spec.SHARD_MANIFEST).read_bytes()
+    }
+
+
+@pytest.fixture(scope="module")
+def m3w_out(shards_corpus, tmp_path_factory, ray_address) -> Path:
+    out = tmp_path_factory.mktemp("m3w_one_worker")
+    run_m3w_shards(
+        [shards_corpus.filtered], shards_corpus.store, out, CONFIG, workers=1, ray_address=ray_address
+    )
+    return out / "m3w"
+
+
+@pytest.fixture(scope="module")
+def documents(shards_corpus) -> dict[str, dict]:
+    return {
+        row["doc_id"]: row for path in sorted(shards_corpus.filtered.glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    }  # fmt: skip
+
+
+def test_every_image_token_has_its_stored_image_in_order(m3w_out, documents, shards_corpus):
+    tok = load_tokenizer()
+    media_id = tok.convert_tokens_to_ids(MEDIA_TOKEN)
+    store = ImageStore(shards_corpus.store)
+    samples = tar_samples(m3w_out)
+    assert len(samples) >= 20
+    for key, files in samples:
+        sample = json.loads(files["json"])
+        jpgs = sorted((k for k in files if k.endswith(".jpg")), key=lambda k: int(k.split(".")[0]))
+        assert sample["images"] == jpgs and jpgs == [f"{i}.jpg" for i in range(len(jpgs))]
+        assert sample["input_ids"].count(media_id) == len(jpgs) >= 1
+        # The images are the stored blobs of the document's image nodes in the window, in document order.
+        doc = documents[sample["provenance"]["doc_id"]]
+        nodes = {n["node_index"]: n for n in doc["nodes"]}
+        image_urls = [
+            nodes[i]["url"] for i in sample["provenance"]["node_indices"] if nodes[i]["kind"] == "image"
+        ]
+        rows = store.lookup(image_urls)
+        assert [store.read_blob(rows[u]["resized_sha256"]) for u in image_urls] == [files[k] for k in jpgs]
+        assert all(rows[u]["status"] == "ok" for u in image_urls)
+        assert key.startswith(sample["provenance"]["doc_id"]) and "." not in key
+
+
+def test_windows_respect_length_and_image_limits_and_decode_to_their_text(m3w_out, documents):
+    tok = load_tokenizer()
+    for _, files in tar_samples(m3w_out):
+        sample = json.loads(files["json"])
+        assert len(sample["input_ids"]) <= 256
+        assert 1 <= len(sample["images"]) <= 5
+        assert decode(tok, sample["input_ids"]) == sample["text"]
+        assert sample["text"].count(MEDIA_TOKEN) == len(sample["images"])
+        # Text nodes strictly inside the window appear verbatim in the window text.
+        doc = documents[sample["provenance"]["doc_id"]]
+        nodes = {n["node_index"]: n for n in doc["nodes"]}
+        inner_text_nodes = [
+            nodes[i] for i in sample["provenance"]["node_indices"][1:-1] if nodes[i]["kind"] == "text"
+        ]
+        for node in inner_text_nodes:
+            assert node["text"].strip() in sample["text"]
+        assert sample["tokenizer"] == {"name": "m3w-default", "fingerprint": tokenizer_fingerprint(tok)}
+        assert sample["media_kind"] == "image" and sample["num_frames"] == 1
+        assert sample["schema"] == spec.SCHEMA_VERSION and sample["dataset"] == "m3w"
+        assert set(spec.SAMPLE_JSON_FIELDS) == set(sample)
+        prov = sample["provenance"]
+        assert prov["url"] == doc["url"] and prov["warc_record_id"] == doc["warc_record_id"]
+        assert prov["warc_offset"] == doc["warc_offset"] and prov["warc_path"] == doc["warc_path"]
+
+
+def test_manifest_lists_every_shard_with_its_counts(m3w_out):
+    manifest = json.loads((m3w_out / spec.SHARD_MANIFEST).read_text())
+    assert manifest["schema"] == spec.SCHEMA_VERSION and manifest["dataset"] == "m3w"
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(load_tokenizer())
+    assert [s["name"] for s in manifest["shards"]] == sorted(p.name for p in m3w_out.glob("*.tar"))
+    assert len(manifest["shards"]) >= 3
+    for shard in manifest["shards"]:
+        samples = list(iter_tar_samples(m3w_out / shard["name"]))
+        assert shard["samples"] == len(samples) <= CONFIG.shard_max_samples
+        assert shard["tokens"] == sum(len(json.loads(f["json"])["input_ids"]) for _, f in samples)
+        assert shard["bytes"] == (m3w_out / shard["name"]).stat().st_size
+    counts = manifest["unit_counts"]
+    assert counts["samples"] == manifest["totals"]["samples"]
+    assert counts["drop.image_not_stored"] > 0  # the loopback server 404s some images: dropped, counted
+    assert manifest["failed_units"] == []
+
+
+def test_one_and_two_workers_give_byte_identical_shards(m3w_out, shards_corpus, tmp_path, ray_address):
+    """The second run goes through the CLI in a subprocess that joins the same Ray with 2 workers."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "pipeline.cli", "shards", "m3w", str(shards_corpus.filtered),
+           "--images", str(shards_corpus.store), "--out", str(out), "--workers", "2",
+           "--ray-address", ray_address, "--config", str(ROOT / "configs" / "shards.yaml"),
+           "--set", f"shard_max_samples={CONFIG.shard_max_samples}"]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "m3w:" in result.stdout and "samples" in result.stdout
+    assert all_bytes(out / "m3w") == all_bytes(m3w_out)
+
+
+def test_webdataset_and_ray_data_read_the_shards(m3w_out, ray_address):
+    import ray
+    import webdataset as wds
+
+    manifest = json.loads((m3w_out / spec.SHARD_MANIFEST).read_text())
+    urls = [str(m3w_out / s["name"]) for s in manifest["shards"]]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        meta = sample["json"]
+        assert [sample[k].size for k in meta["images"]] == [(320, 320)] * len(meta["images"])
+        seen += 1
+    assert seen == manifest["totals"]["samples"]
+
+    ds = ray.data.read_webdataset(urls, decoder=None)
+    rows = ds.take_all()
+    assert len(rows) == manifest["totals"]["samples"]
+    assert sum(len(json.loads(r["json"])["images"]) for r in rows) == manifest["totals"]["images"]
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(m3w_out, shards_corpus, tmp_path, ray_address):
+    out = tmp_path / "resume"
+    run_m3w_shards(
+        [shards_corpus.filtered], shards_corpus.store, out, CONFIG, workers=2, ray_address=ray_address
+    )
+    # Simulate a job killed after its first unit: keep only the first manifest line and a stray temp file.
+    manifest = out / "m3w" / "_manifest.jsonl"
+    manifest.write_text(manifest.read_text().splitlines(keepends=True)[0] + '{"torn": ')
+    (out / "m3w" / ".tmp-m3w-000000.tar.abc").write_bytes(b"partial")
+    for tar in (out / "m3w").glob("*.tar"):
+        tar.unlink()
+    run_m3w_shards(
+        [shards_corpus.filtered], shards_corpus.store, out, CONFIG, workers=2, ray_address=ray_address
+    )
+    assert all_bytes(out / "m3w") == all_bytes(m3w_out)
+    assert not list((out / "m3w").glob(".tmp-*"))
+
+
+def test_bad_input_fails_its_unit_only(shards_corpus, tmp_path, ray_address):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    first = sorted(shards_corpus.filtered.glob("*.parquet"))[0]
+    (inputs / first.name).write_bytes(first.read_bytes())
+    (inputs / "broken.parquet").write_bytes(b"this is not parquet")
+    result = run_m3w_shards(
+        [inputs], shards_corpus.store, tmp_path / "out", CONFIG, workers=2, ray_address=ray_address
+    )
+    assert len(result["failed_units"]) == 1 and result["failed_units"][0].startswith("broken-")
+    assert "broken" in next(iter(result["unit_failures"]))
+    assert result["totals"]["samples"] > 0
+
+
+def test_shard_size_in_bytes_and_seed_change(shards_corpus, m3w_out, tmp_path, ray_address):
+    config = ShardsConfig(shard_max_samples=None, shard_max_bytes=300_000)
+    config.windows.seed = 1
+    result = run_m3w_shards(
+        [shards_corpus.filtered], shards_corpus.store, tmp_path, config, ray_address=ray_address
+    )
+    shards = result["shards"]
+    assert len(shards) > 3
+    for shard in shards:
+        assert shard["bytes"] <= 300_000 or shard["samples"] == 1
+    # Another seed samples other windows of the same documents.
+    before = {json.loads(f["json"])["provenance"]["token_start"] for _, f in tar_samples(m3w_out)}
+    after = {json.loads(f["json"])["provenance"]["token_start"] for _, f in tar_samples(tmp_path / "m3w")}
+    assert before != after

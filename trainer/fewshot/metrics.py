@@ -1,0 +1,158 @@
+"""Metrics of the few-shot benchmarks: CIDEr-D (captioning), VQA accuracy, classification accuracy.
+
+CIDEr-D follows Vedantam et al. 2015 as implemented by the COCO caption evaluation code (n-grams 1-4, tf-idf
+weights with document frequencies taken over the references, clipped counts, a Gaussian length penalty with
+sigma 6, scaled by 10). The COCO code needs Java for its tokenizer; ours tokenizes the same way in Python
+(lower case, punctuation removed), so the metric runs offline anywhere.
+
+The VQA accuracy follows the official VQAv2 evaluation: answers are normalised (punctuation, number words to
+digits, articles dropped, contractions restored) and a prediction scores min(#matching annotators / 3, 1),
+averaged over the ten leave-one-annotator-out subsets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+# --- CIDEr-D ------------------------------------------------------------------------------------------------
+
+_PUNCT = re.compile(r"[^\w\s']|_")
+
+
+def tokenize_caption(text: str) -> list[str]:
+    """Lower case, punctuation removed, split on whitespace: what the COCO (PTB) tokenizer step amounts to."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def _ngrams(tokens: list[str], n_max: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+
+
+def cider_d(
+    candidates: Mapping[str, str], references: Mapping[str, Sequence[str]], n_max: int = 4, sigma: float = 6.0
+) -> tuple[float, dict[str, float]]:
+    """Corpus CIDEr-D of one candidate per item against that item's references. Returns (mean, per item).
+
+    Document frequencies come from the references of all items given, so the score of an item depends on the
+    corpus it is scored in, as in the COCO evaluation.
+    """
+    if set(candidates) != set(references):
+        raise ValueError("candidates and references must cover the same item ids")
+    if not candidates:
+        raise ValueError("CIDEr needs at least one item")
+    refs = {k: [_ngrams(tokenize_caption(r), n_max) for r in v] for k, v in references.items()}
+    doc_freq: Counter = Counter()
+    for counts in refs.values():
+        doc_freq.update(set().union(*counts) if counts else set())
+    log_n_docs = math.log(len(refs))
+
+    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(n_max)]
+        norms = [0.0] * n_max
+        for gram, tf in counts.items():
+            n = len(gram) - 1
+            weight = tf * (log_n_docs - math.log(max(1.0, doc_freq[gram])))
+            vec[n][gram] = weight
+            norms[n] += weight * weight
+        length = sum(tf for gram, tf in counts.items() if len(gram) == 1)
+        return vec, [math.sqrt(x) for x in norms], length
+
+    def similarity(hyp, ref) -> float:
+        (vh, nh, lh), (vr, nr, lr) = hyp, ref
+        penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
+        total = 0.0
+        for n in range(n_max):
+            dot = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
+            if nh[n] and nr[n]:
+                total += dot / (nh[n] * nr[n]) * penalty
+        return total / n_max
+
+    per_item = {}
+    for key, text in candidates.items():
+        hyp = vector(_ngrams(tokenize_caption(text), n_max))
+        sims = [similarity(hyp, vector(r)) for r in refs[key]]
+        per_item[key] = 10.0 * sum(sims) / max(1, len(sims))
+    return sum(per_item.values()) / len(per_item), per_item
+
+
+# --- VQA accuracy -------------------------------------------------------------------------------------------
+
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {
+    "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm",
+    "isnt": "isn't", "itll": "it'll", "ive": "i've", "shouldnt": "shouldn't", "thats": "that's",
+    "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
+    "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+_PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD_NOT_DECIMAL = re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """The official VQA answer normalisation: punctuation, then number words, articles and contractions."""
+    original = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = original
+    for p in _PUNCTUATION:
+        # A mark next to a space (in the original answer), or any mark when a comma sits inside a number, is
+        # deleted; elsewhere it separates words. Same rule, same quirks, as the official evaluation.
+        if (p + " " in original or " " + p in original) or _COMMA_IN_NUMBER.search(original):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = _PERIOD_NOT_DECIMAL.sub("", text)
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
+    """min(#humans that said it / 3, 1), averaged over the leave-one-out subsets of the annotators."""
+    if not annotator_answers:
+        raise ValueError("VQA accuracy needs the annotators' answers")
+    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a) for a in annotator_answers]
+    scores = []
+    for i in range(len(gts)):
+        others = gts[:i] + gts[i + 1 :]
+        scores.append(min(1.0, sum(g == pred for g in others) / 3.0))
+    return sum(scores) / len(scores)
+
+
+def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError("accuracy needs as many predictions as labels, and at least one")
+    return sum(p == t for p, t in zip(predictions, labels)) / len(labels)
