@@ -79,7 +79,7 @@ class Flamingo(nn.Module):
         self._state: VisualState | None = None  # set only for the duration of one LM call
         attach_before_layers(lm, config.cross_attn_every, self._cross_attend)
         if config.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.lm.activation_checkpointing_enable({"use_reentrant": False})
 
     # ---- construction, persistence -------------------------------------------------------------------------
 

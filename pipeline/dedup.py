@@ -75,7 +75,9 @@ def group_task(files: Sequence[str], column: str, partition: int, n: int) -> lis
     return [sorted(set(g)) for g in groups.values() if len(set(g)) > 1]
 
 
-def band_task(files: Sequence[str], band: int, threshold: float) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+def band_task(
+    files: Sequence[str], band: int, threshold: float
+) -> list[tuple[tuple[str, str], tuple[str, str]]]:
     """Pairs of documents in one LSH bucket of `band` whose MinHash Jaccard estimate reaches `threshold`."""
     table = _read(files, ["doc_id", "fetch_date", "bands", "signature"])
     table = table.filter(table["bands"].is_valid())
@@ -97,9 +99,7 @@ def band_task(files: Sequence[str], band: int, threshold: float) -> list[tuple[t
     return pairs
 
 
-def count_task(
-    files: Sequence[str], kind: str, partition: int, n: int, limit: int
-) -> list[tuple[Any, int]]:
+def count_task(files: Sequence[str], kind: str, partition: int, n: int, limit: int) -> list[tuple[Any, int]]:
     """Keys of this partition found in more than `limit` distinct documents.
 
     kind "image_url": key = image URL; kind "paragraph": key = (domain, paragraph hash).
@@ -129,7 +129,7 @@ def _drop_all_but_newest(
     if len(alive) < 2:
         return
     kept_id, kept_date = _newest(alive)
-    for doc_id, date in alive:
+    for doc_id, _ in alive:
         if doc_id != kept_id:
             decisions.documents[doc_id] = (rule, f"{what} as {kept_id} (fetched {kept_date or '?'}, kept)")
 
@@ -168,21 +168,27 @@ def compute_decisions(files: Sequence[str], cfg: DedupConfig) -> DedupDecisions:
     group, band, count = remote(group_task), remote(band_task), remote(count_task)
 
     enabled = {"url_key": cfg.same_url, "text_hash": cfg.exact_text, "image_set_hash": cfg.same_image_set}
-    group_refs = {col: [group.remote(files_ref, col, p, n) for p in range(n)] for col, *_ in DOC_RULES if enabled[col]}
+    group_refs = {
+        col: [group.remote(files_ref, col, p, n) for p in range(n)] for col, *_ in DOC_RULES if enabled[col]
+    }
     band_refs = (
         [band.remote(files_ref, b, cfg.minhash_threshold) for b in range(cfg.minhash_bands)]
         if cfg.near_duplicates
         else []
     )
     image_refs = [count.remote(files_ref, "image_url", p, n, cfg.image_url_max_docs) for p in range(n)]
-    para_refs = [count.remote(files_ref, "paragraph", p, n, cfg.paragraph_max_docs_per_domain) for p in range(n)]
+    para_refs = [
+        count.remote(files_ref, "paragraph", p, n, cfg.paragraph_max_docs_per_domain) for p in range(n)
+    ]
 
     for column, rule, what in DOC_RULES:
         for groups in ray.get(group_refs.get(column, [])):
             for members in groups:
                 _drop_all_but_newest(members, rule, what, decisions)
     pairs = [pair for part in ray.get(band_refs) for pair in part]
-    alive_pairs = [(a, b) for a, b in pairs if a[0] not in decisions.documents and b[0] not in decisions.documents]
+    alive_pairs = [
+        (a, b) for a, b in pairs if a[0] not in decisions.documents and b[0] not in decisions.documents
+    ]
     for members in _components(alive_pairs):
         _drop_all_but_newest(
             members, "dedup.near_duplicate", f"MinHash Jaccard ≥ {cfg.minhash_threshold} with", decisions

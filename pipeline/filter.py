@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import apply_overrides, from_dict, load_config, to_dict
 from pipeline.dedup import DedupDecisions, load_decisions, run_dedup
+from pipeline.docs import document_files, iter_documents
 from pipeline.filters import (
     DocumentItem,
     FilterConfig,
@@ -39,17 +40,10 @@ from pipeline.filters import (
 from pipeline.filters.lang import identify
 from pipeline.filters.signals import domain_of, signals_table, stats_of
 from pipeline.filters.text import MAX_STATS_CHARS, TextStats, word_repetition_ratio, words
-from pipeline.io import stable_hash, write_parquet_atomic
+from pipeline.io import atomic_path, stable_hash, write_parquet_atomic
 from pipeline.manifest import Manifest
 from pipeline.ray_runner import Unit, init_ray, run_units
-from schemas.documents import (
-    DOCUMENT_SCHEMA,
-    EXCLUDED_SCHEMA,
-    NODE_IMAGE,
-    NODE_TEXT,
-    SCHEMA_VERSION,
-    check_version,
-)
+from schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, NODE_IMAGE, NODE_TEXT
 
 STAGE = "filter"
 SIGNALS_STAGE = "filter.signals"
@@ -57,6 +51,7 @@ CACHE_DIR = "_cache"
 EXCLUDED_DIR = "excluded"
 MEASURES = ("documents", "paragraphs", "images", "words")
 CONTENT_CHARS = 1000  # of a paragraph kept in excluded/, enough to read why it went
+ROWS_PER_GROUP = 256
 # Dedup rules that act on nodes, after the quality filters.
 IMAGE_FREQUENCY = "dedup.image_url_frequency"
 DOMAIN_PARAGRAPH = "dedup.domain_paragraph"
@@ -88,22 +83,11 @@ class InputUnit:
 
 def discover_units(docs_dir: str | Path) -> list[InputUnit]:
     """The documents files of an extract output directory (one parquet per unit, temp files ignored)."""
-    docs_dir = Path(docs_dir)
-    if not docs_dir.is_dir():
-        raise FileNotFoundError(f"documents directory not found: {docs_dir}")
     units = []
-    for path in sorted(docs_dir.glob("*.parquet")):
-        if path.name.startswith(("_", ".")):
-            continue
+    for path in document_files(docs_dir):
         st = path.stat()
         units.append(InputUnit(path.stem, path, stable_hash([path.name, st.st_size, st.st_mtime_ns], 12)))
     return units
-
-
-def read_documents(path: str | Path) -> list[dict[str, Any]]:
-    table = pq.read_table(path)
-    check_version(table.schema, SCHEMA_VERSION)
-    return table.to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------- phase 1
@@ -117,9 +101,9 @@ class SignalsTask:
 
 
 def signals_unit(task: SignalsTask) -> tuple[str, dict[str, int]]:
-    docs = read_documents(task.docs_path)
-    write_parquet_atomic(signals_table(docs, task.config), task.out_path)
-    return Path(task.out_path).name, {"documents": len(docs)}
+    table = signals_table(iter_documents(task.docs_path), task.config)
+    write_parquet_atomic(table, task.out_path)
+    return Path(task.out_path).name, {"documents": table.num_rows}
 
 
 # ---------------------------------------------------------------------------------------------------- phase 3
@@ -141,7 +125,9 @@ class Funnel:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
 
-    def add(self, prefix: str, documents: int = 0, paragraphs: int = 0, images: int = 0, words: int = 0) -> None:
+    def add(
+        self, prefix: str, documents: int = 0, paragraphs: int = 0, images: int = 0, words: int = 0
+    ) -> None:
         for measure, value in zip(MEASURES, (documents, paragraphs, images, words)):
             self.counts[f"{prefix}.{measure}"] += value
 
@@ -221,7 +207,9 @@ class DocumentFilter:
     def steps(self) -> list[Step]:
         return [*self.image_steps, *self.paragraph_steps, *self.document_steps]
 
-    def _node_drop(self, node: dict[str, Any], stats: dict[int, dict[str, Any]], domain: str) -> tuple[str, str] | None:
+    def _node_drop(
+        self, node: dict[str, Any], stats: dict[int, dict[str, Any]], domain: str
+    ) -> tuple[str, str] | None:
         if node["kind"] == NODE_IMAGE:
             url = node.get("url") or ""
             item = ImageItem(url, node.get("alt"), node.get("width"), node.get("height"))
@@ -240,7 +228,9 @@ class DocumentFilter:
             return dropped
         return None  # video nodes are judged by the video pipeline
 
-    def __call__(self, doc: dict[str, Any], signals: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict]]:
+    def __call__(
+        self, doc: dict[str, Any], signals: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, list[dict]]:
         nodes = doc.get("nodes") or []
         stats = {s["node_index"]: s for s in signals["nodes"]}
         self.funnel.add("in", documents=1, **_sizes(nodes, stats))
@@ -270,22 +260,33 @@ class DocumentFilter:
 
 
 def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
-    docs = read_documents(task.docs_path)
     signals = {row["doc_id"]: row for row in pq.read_table(task.signals_path).to_pylist()}
     decisions = load_decisions(Path(task.decisions_dir))
     if decisions is None:
         raise RuntimeError(f"dedup decisions missing in {task.decisions_dir}")
     doc_filter = DocumentFilter(task.config, decisions)
-    kept, excluded = [], []
-    for doc in docs:
-        out, dropped = doc_filter(doc, signals[doc["doc_id"]])
-        excluded.extend(dropped)
-        if out is not None:
-            kept.append(out)
     out_dir = Path(task.out_dir)
     output = f"{task.unit}.parquet"
-    write_parquet_atomic(pa.Table.from_pylist(excluded, schema=EXCLUDED_SCHEMA), out_dir / EXCLUDED_DIR / output)
-    write_parquet_atomic(pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA), out_dir / output)
+    excluded: list[dict[str, Any]] = []
+    # Kept documents stream out in row groups. Each file is renamed into place only when whole, and the
+    # manifest records the unit only after both exist, so a killed unit is simply redone.
+    with (
+        atomic_path(out_dir / output) as tmp,
+        pq.ParquetWriter(tmp, DOCUMENT_SCHEMA, compression="zstd") as writer,
+    ):
+        kept: list[dict[str, Any]] = []
+        for doc in iter_documents(task.docs_path):
+            out, dropped = doc_filter(doc, signals[doc["doc_id"]])
+            excluded.extend(dropped)
+            if out is not None:
+                kept.append(out)
+            if len(kept) >= ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA))
+                kept = []
+        writer.write_table(pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA))
+    write_parquet_atomic(
+        pa.Table.from_pylist(excluded, schema=EXCLUDED_SCHEMA), out_dir / EXCLUDED_DIR / output
+    )
     counts = Counter(doc_filter.funnel.counts)
     for step in doc_filter.steps():
         counts[f"seen.{step.name}"] += sum(step.counters.values())
@@ -315,7 +316,10 @@ def run_filter(
     signals_path = {u.name: signals_dir / f"{u.name}.{u.fingerprint}.{signals_hash}.parquet" for u in units}
     signals = run_units(
         signals_unit,
-        [Unit(f"{u.name}@{u.fingerprint}", SignalsTask(str(u.path), str(signals_path[u.name]), config)) for u in units],
+        [
+            Unit(f"{u.name}@{u.fingerprint}", SignalsTask(str(u.path), str(signals_path[u.name]), config))
+            for u in units
+        ],
         Manifest(signals_dir, SIGNALS_STAGE, signals_hash),
         workers=workers,
         ray_address=ray_address,
@@ -335,12 +339,20 @@ def run_filter(
     tasks = [
         Unit(
             u.name,
-            DecideTask(u.name, str(u.path), str(signals_path[u.name]), str(decisions_dir), str(out_dir), config),
+            DecideTask(
+                u.name, str(u.path), str(signals_path[u.name]), str(decisions_dir), str(out_dir), config
+            ),
         )
         for u in ready
     ]
     decided = run_units(
-        decide_unit, tasks, manifest, workers=workers, ray_address=ray_address, desc="filter", rate_key="in.documents"
+        decide_unit,
+        tasks,
+        manifest,
+        workers=workers,
+        ray_address=ray_address,
+        desc="filter",
+        rate_key="in.documents",
     )
     return {
         "units": len(units),
@@ -371,7 +383,12 @@ def load_filter_config(path: str | None, overrides: list[str]) -> FilterConfig:
 @click.option("--workers", type=int, default=None, help="Units in flight (default: Ray CPUs).")
 @click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local).")
 def filter_cmd(
-    docs_dir: str, out_dir: str, config_path: str | None, overrides: tuple[str, ...], workers: int | None, ray_address: str | None
+    docs_dir: str,
+    out_dir: str,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    workers: int | None,
+    ray_address: str | None,
 ) -> None:
     """Quality filters and corpus-wide dedup: DOCS_DIR (documents/) → OUT (kept) + OUT/excluded/ (reasons)."""
     from pipeline.stats import format_funnel, funnel

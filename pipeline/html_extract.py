@@ -20,6 +20,7 @@ declared size; the largest `srcset` / `<picture><source>` candidate and lazy-loa
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -209,18 +210,19 @@ BOILERPLATE_TAGS = frozenset(("nav", "aside", "footer", "menu"))
 BOILERPLATE_ROLES = frozenset(
     ("navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar", "dialog", "alert")
 )
-# Tokens of class/id values that name page furniture. Matched per token (split on -, _, space, camelCase).
+# class/id values that name page furniture: whole tokens (split on -, _, space, camelCase) for short words,
+# substrings for long unambiguous ones ("fi-cookieconsent", "relatedPosts").
 _BOILERPLATE_TOKENS = frozenset(
-    """nav navbar navigation menu menubar submenu breadcrumb breadcrumbs footer sidebar sidebars widget widgets
-    cookie cookies consent gdpr newsletter subscribe subscription signup login signin register share sharing
-    shares social sociallinks socialmedia related recommended recommendations outbrain taboola comments comment
-    disqus respond pagination pager advert advertisement ads ad adsense sponsor sponsored promo banner popup
-    modal overlay toolbar skip skiplink masthead topbar tagcloud tags trending popular mostread moreread
-    teaser teasers jump print byline-share author-box copyright legal""".split()
+    """nav menu menubar submenu footer share shares comments comment respond pager ad ads adsense promo banner
+    popup modal overlay toolbar skip skiplink topbar tagcloud tags trending popular mostread moreread teaser
+    teasers jump print copyright legal""".split()
 )
-_CONTENT_TOKENS = frozenset(
-    "article articlebody content main post entry story text body blog news hentry postbody storybody".split()
+_BOILERPLATE_SUBSTRINGS = re.compile(
+    r"cookie|consent|gdpr|newsletter|sidebar|breadcrumb|navbar|navigation|social|sharing|sharebar|"
+    r"share-?buttons|related|recommend|outbrain|taboola|disqus|advert|sponsor|subscri|signup|signin|login|"
+    r"masthead|pagination|widget|author-?box|comment-?list|comments-?area"
 )
+_CONTENT_TOKENS = frozenset("article articlebody content main post entry story hentry postbody storybody".split())
 _TOKEN_SPLIT = re.compile(r"[\s_\-:./]+|(?<=[a-z])(?=[A-Z])")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 _STYLE_SIZE = re.compile(r"(width|height)\s*:\s*(\d+)px", re.I)
@@ -239,6 +241,10 @@ _LINE_BREAK = "\u2028"
 
 def _tokens(value: str) -> set[str]:
     return {t.lower() for t in _TOKEN_SPLIT.split(value) if t}
+
+
+def _visible_len(text: str) -> int:
+    return len(text) - text.count(" ") - text.count("\n") - text.count("\t")
 
 
 def _int_size(value: str | None) -> int | None:
@@ -274,11 +280,30 @@ class _Block:
 class _Page:
     parent: list[int] = field(default_factory=list)
     tag: list[str] = field(default_factory=list)
-    boiler: list[bool] = field(default_factory=list)  # tag / role / class / id say: page furniture
-    header_like: list[bool] = field(default_factory=list)  # <header>: furniture unless it holds the headline
     content_hint: list[int] = field(default_factory=list)  # 2: article/main/articleBody; 1: content-ish class
     blocks: list[_Block] = field(default_factory=list)
     image_drops: Counter = field(default_factory=Counter)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[bool, bool, int]:
+    """(looks like furniture, is a header, content hint 0/1/2) from an element's tag and attributes. Cached:
+    class names repeat endlessly within and across pages."""
+    names = f"{cls} {id_}".strip()
+    tokens = _tokens(names) if names else set()
+    role = role.lower()
+    boiler = (
+        tag in BOILERPLATE_TAGS
+        or role in BOILERPLATE_ROLES
+        or bool(tokens & _BOILERPLATE_TOKENS)
+        or bool(names and _BOILERPLATE_SUBSTRINGS.search(names.lower()))
+    ) and tag not in ("body", "html", "article", "main")
+    hint = 0
+    if tag in ("article", "main") or role == "main" or itemprop.lower() == "articlebody":
+        hint = 2
+    elif tokens & _CONTENT_TOKENS:
+        hint = 1
+    return boiler, tag == "header" or "header" in tokens or role == "banner", hint
 
 
 class _Walker:
@@ -295,26 +320,28 @@ class _Walker:
         self.block_kind = "paragraph"
         self.block_level = 0
         self.block_dom = 0
+        self.total_chars = 0
 
     # -- elements
-    def _new_element(self, node: LexborNode, tag: str, parent: int) -> int:
-        attrs = node.attributes
+    def _new_element(self, tag: str, parent: int, hint: int) -> int:
         idx = len(self.page.tag)
         self.page.parent.append(parent)
         self.page.tag.append(tag)
-        names = " ".join(v for k in ("class", "id") if (v := attrs.get(k)))
-        tokens = _tokens(names) if names else set()
-        role = (attrs.get("role") or "").lower()
-        boiler = tag in BOILERPLATE_TAGS or role in BOILERPLATE_ROLES or bool(tokens & _BOILERPLATE_TOKENS)
-        hint = 0
-        if tag in ("article", "main") or role == "main" or (attrs.get("itemprop") or "").lower() == "articlebody":
-            hint = 2
-        elif tokens & _CONTENT_TOKENS:
-            hint = 1
-        self.page.boiler.append(boiler and tag not in ("body", "html", "article", "main"))
-        self.page.header_like.append(tag == "header" or "header" in tokens or role == "banner")
         self.page.content_hint.append(hint)
         return idx
+
+    def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
+        """(drop this subtree, content hint). Furniture (by tag, role, class or id; a <header> without the h1)
+        is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around the article)."""
+        boiler, header_like, hint = _classify(
+            tag, attrs.get("class") or "", attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
+        )
+        if not self.options.main_content or hint == 2 or not (boiler or header_like):
+            return False, hint
+        if not boiler and node.css_first("h1") is not None:
+            return False, hint
+        # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
+        return _visible_len(node.text(deep=True)) < 0.5 * self.total_chars, hint
 
     @staticmethod
     def _hidden(attrs: dict[str, str | None]) -> bool:
@@ -409,7 +436,8 @@ class _Walker:
     # -- the walk
     def walk(self, root: LexborNode) -> _Page:
         max_depth = self.options.max_depth
-        root_idx = self._new_element(root, root.tag or "body", -1)
+        self.total_chars = _visible_len(root.text(deep=True))
+        root_idx = self._new_element(root.tag or "body", -1, 0)
         # frame: (node, element index, is block element, is link, saved block state)
         stack: list[tuple[LexborNode, int, bool, bool, tuple]] = [
             (root, root_idx, True, False, (root_idx, "paragraph", 0, 0))
@@ -429,9 +457,10 @@ class _Walker:
                     break
                 node = frame_node.next
                 continue
-            if node.is_text_node:
+            tag = node.tag
+            if tag == "-text":
                 text = node.text_content
-                if text:
+                if text and (self.pieces or not text.isspace()):
                     if not self.pieces:
                         self.block_dom = self.dom_index
                     self.pieces.append(text)
@@ -439,13 +468,12 @@ class _Walker:
                         self.link_chars += len(text.strip())
                 node = node.next
                 continue
-            tag = node.tag
-            if not node.is_element_node or tag in SKIP_TAGS:
+            if not tag or tag in SKIP_TAGS or tag[0] in "-!#_":  # comments, doctype, processing instructions
                 node = node.next
                 continue
             self.dom_index += 1
             attrs = node.attributes
-            if self._hidden(attrs):
+            if ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs) and self._hidden(attrs):
                 node = node.next
                 continue
             if tag == "br":
@@ -458,7 +486,11 @@ class _Walker:
                 (self._image if tag == "img" else self._video)(node, attrs, owner)
                 node = node.next
                 continue
-            idx = self._new_element(node, tag, stack[-1][1])
+            furniture, hint = self._is_furniture(node, tag, attrs)
+            if furniture:
+                node = node.next
+                continue
+            idx = self._new_element(tag, stack[-1][1], hint)
             block = BLOCK_OF_TAG.get(tag)
             saved: tuple = ()
             if block is not None:
@@ -473,14 +505,15 @@ class _Walker:
             in_link += is_link
             if len(stack) >= max_depth:
                 raise PageSkip("nesting", f"DOM deeper than {max_depth}")
-            if node.child is None:
+            child = node.child
+            if child is None:
                 if block is not None:
                     self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
                 in_link -= is_link
                 node = node.next
                 continue
             stack.append((node, idx, block is not None, is_link, saved))
-            node = node.child
+            node = child
         return self.page
 
 
@@ -515,16 +548,6 @@ def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
             link_len[e] += b.link_chars
             has_h1[e] = has_h1[e] or b.level == 1
             e = parent[e]
-    total = max(text_len[0], 1)
-
-    # Furniture is dropped unless it holds the content (a "has-sidebar" wrapper around the article).
-    dropped = [False] * n
-    for e in range(n):
-        furniture = page.boiler[e] or (page.header_like[e] and not has_h1[e])
-        if furniture and text_len[e] < 0.5 * total and page.content_hint[e] < 2:
-            dropped[e] = True
-        if e and dropped[parent[e]]:
-            dropped[e] = True
     if not options.main_content:
         return page.blocks
 
@@ -536,7 +559,7 @@ def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
     balance = [0.0] * n
     min_chars = options.min_paragraph_chars
     for b in page.blocks:
-        if b.kind != "text" or dropped[b.owner]:
+        if b.kind != "text":
             continue
         length = len(b.text)
         if b.level:
@@ -549,29 +572,45 @@ def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
         while e >= 0:
             balance[e] += value
             e = parent[e]
+    for e in range(n):
+        if balance[e] > 0 and page.content_hint[e] == 2:
+            balance[e] *= 1.5  # <article>, <main>, itemprop=articleBody: the page says where its content is
     top = max(range(n), key=lambda e: (balance[e], page.content_hint[e]))
     if balance[top] <= 0:
         top = 0  # no prose (a gallery, a short page): everything that is not furniture
-    selected = _widen_to_headline(page, top, text_len, has_h1, dropped)
+    selected = _widen_to_headline(page, top, text_len, has_h1)
 
     inside = [False] * n
     for e in range(n):
-        inside[e] = not dropped[e] and (e == selected or (e > 0 and inside[parent[e]]))
-    kept = []
-    for b in page.blocks:
-        if not inside[b.owner]:
+        inside[e] = e == selected or (e > 0 and inside[parent[e]])
+    keep = [inside[b.owner] for b in page.blocks]
+    for i, b in enumerate(page.blocks):
+        if not keep[i]:
             continue
         if b.kind == "text" and not b.level:
             # Link lists inside the content ("Read more", tag clouds, related stories) are furniture too.
             if b.link_chars > 0.6 * len(b.text) or (density(b.owner) > 0.6 and text_len[b.owner] < 1000):
-                continue
+                keep[i] = False
         elif b.kind != "text" and density(b.owner) > 0.6 and text_len[b.owner] > 0:
-            continue  # teaser thumbnails whose captions are links
-        kept.append(b)
-    return kept
+            keep[i] = False  # teaser thumbnails whose captions are links
+    _drop_orphan_headings(page.blocks, keep)
+    return [b for b, k in zip(page.blocks, keep, strict=True) if k]
 
 
-def _widen_to_headline(page: _Page, top: int, text_len: list[int], has_h1: list[bool], dropped: list[bool]) -> int:
+def _drop_orphan_headings(blocks: list[_Block], keep: list[bool]) -> None:
+    """A heading (below h1) whose section kept nothing ("Related articles", "Comments") goes with its section."""
+    has_content_after = False
+    for i in range(len(blocks) - 1, -1, -1):
+        b = blocks[i]
+        if b.level:
+            if keep[i] and b.level > 1 and not has_content_after:
+                keep[i] = False
+            has_content_after = keep[i]  # a kept subheading is content for the heading above it
+        elif keep[i]:
+            has_content_after = True
+
+
+def _widen_to_headline(page: _Page, top: int, text_len: list[int], has_h1: list[bool]) -> int:
     """Climb from the content root to the ancestor holding the headline (h1), when that adds little text.
 
     That ancestor is usually the article wrapper with headline, byline and lead image."""
@@ -579,7 +618,7 @@ def _widen_to_headline(page: _Page, top: int, text_len: list[int], has_h1: list[
     budget = max(0.3 * text_len[top], 400)
     while e > 0 and not has_h1[e]:
         e = page.parent[e]
-        if text_len[e] - text_len[top] > budget or dropped[e]:
+        if text_len[e] - text_len[top] > budget:
             return top
     return e if e > 0 else top
 
@@ -621,6 +660,8 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
     """Parse one decoded page into ordered nodes (the document's `nodes` column) and page metadata."""
     options = options or PageOptions()
     tree = LexborHTMLParser(html)
+    # Removed up front (in C) so the text measures used to judge furniture see only visible text.
+    tree.strip_tags(["script", "style", "noscript", "template", "svg"])
     base, title, lang, og_image = _head_info(tree, page_url)
     body = tree.body or tree.root
     if body is None:

@@ -74,9 +74,12 @@ class ImagesConfig:
 
 
 class ImageError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    """An image that ends in a non-ok status; `original` keeps what was learnt before (width, height, format)."""
+
+    def __init__(self, status: str, message: str, original: tuple[int, int, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.original = original
 
 
 @dataclass
@@ -141,14 +144,17 @@ def decode_and_resize(data: bytes, config: ImagesConfig) -> Decoded:
         raise ImageError("not_an_image", f"not a decodable image (starts with {data[:16]!r})") from None
     width, height = img.size
     fmt = (img.format or "unknown").lower()
+    original = (width, height, fmt)
     if width * height > config.max_pixels:
-        raise ImageError("too_large", f"{width}x{height} = {width * height} pixels > {config.max_pixels}")
+        raise ImageError(
+            "too_large", f"{width}x{height} = {width * height} pixels > {config.max_pixels}", original
+        )
     if min(width, height) < config.min_side:
-        raise ImageError("too_small", f"{width}x{height} has a side < {config.min_side} px")
+        raise ImageError("too_small", f"{width}x{height} has a side < {config.min_side} px", original)
     if config.filters.image.enabled:  # the filter stage's image rules, now on the decoded size
         keep, reason = check_image_size(width, height, fmt, config.filters)
         if not keep:
-            raise ImageError("filtered", reason)
+            raise ImageError("filtered", reason, original)
     try:
         img.draft(None, _draft_size(width, height, config.image_size, config.resize_mode))
         img = _to_rgb(ImageOps.exif_transpose(img))
@@ -156,7 +162,7 @@ def decode_and_resize(data: bytes, config: ImagesConfig) -> Decoded:
         buffer = io.BytesIO()
         out.save(buffer, "JPEG", quality=config.jpeg_quality)
     except Exception as exc:  # noqa: BLE001 - any failure decoding untrusted bytes is that image's decode error
-        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}", original) from None
     return Decoded(width, height, fmt, buffer.getvalue(), out.width, out.height)
 
 
@@ -214,6 +220,8 @@ class _Worker:
             row["resized_sha256"] = self.store.write_blob(outcome.jpeg)
         except ImageError as exc:
             row["status"], row["error_message"] = exc.status, str(exc)[:1000]
+            if exc.original:
+                row["original_width"], row["original_height"], row["original_format"] = exc.original
         row["fetched_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return row
 

@@ -94,9 +94,9 @@ def funnel(dirs: list[str | Path]) -> list[dict[str, Any]]:
 def format_funnel(rows: list[dict[str, Any]]) -> str:
     lines = []
     header = f"{'stage':<8} {'step':<30}" + "".join(f"{m:>22}" for m in MEASURES)
-    for row in rows:
+    for i, row in enumerate(rows):
         if "counts" not in row:
-            if not lines or not lines[-1].startswith("stage"):
+            if i == 0 or "counts" in rows[i - 1] or rows[i - 1]["stage"] != row["stage"]:
                 lines.append(header)
             cells = []
             for m in MEASURES:
@@ -121,10 +121,16 @@ def plot_funnel(rows: list[dict[str, Any]], path: str | Path) -> Path:
     if not rows:
         raise ValueError("no filter funnel in these manifests to plot")
     labels = [f"{r['stage']}: {r['step']}" for r in rows]
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES) + 3, 0.32 * len(rows) + 1.5), sharey=True)
+    fig, axes = plt.subplots(
+        1, len(MEASURES), figsize=(4 * len(MEASURES) + 3, 0.32 * len(rows) + 1.5), sharey=True
+    )
     for ax, measure in zip(axes, MEASURES):
         values = [r[measure] for r in rows]
-        ax.barh(range(len(rows)), values, color=["#4c72b0" if r["step"] not in ("input", "output") else "#dd8452" for r in rows])
+        ax.barh(
+            range(len(rows)),
+            values,
+            color=["#4c72b0" if r["step"] not in ("input", "output") else "#dd8452" for r in rows],
+        )
         ax.set_title(measure)
         ax.invert_yaxis()
         ax.ticklabel_format(axis="x", style="plain")
@@ -140,7 +146,9 @@ def plot_funnel(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 @click.command("stats")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--png", "png_path", type=click.Path(dir_okay=False), help="Chart path (default: LAST_DIR/_funnel.png).")
+@click.option(
+    "--png", "png_path", type=click.Path(dir_okay=False), help="Chart path (default: LAST_DIR/_funnel.png)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the funnel rows as JSON instead of a table.")
 def stats_cmd(dirs: tuple[str, ...], png_path: str | None, as_json: bool) -> None:
     """Funnel table (input → each filter → output) and a PNG bar chart from the manifests in DIRS."""

@@ -8,11 +8,24 @@ Datasets are keyed by name (not a list) so that one override can reach any field
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import from_dict, load_config
+
+
+def coerce_numbers(config) -> None:
+    """YAML reads `3e-4` (no dot) as a string; turn strings/ints in float fields into floats (and int fields'
+    strings into ints), so `--set optim.lr=3e-4` means what it says."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if hint is float and isinstance(value, str | int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+        elif hint is int and isinstance(value, str):
+            setattr(config, f.name, int(value))
 
 
 @dataclass
@@ -30,6 +43,9 @@ class DatasetConfig:
     shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling
     num_workers: int = 2  # DataLoader worker processes (decoding happens there)
     prefetch_factor: int = 4
+
+    def __post_init__(self) -> None:
+        coerce_numbers(self)
 
 
 def paper_datasets() -> dict[str, DatasetConfig]:
@@ -66,6 +82,10 @@ class OptimConfig:
     warmup_steps: int = 5000  # paper: linear warmup over 5k steps
     min_lr_ratio: float = 0.0  # floor of the decay as a fraction of lr
 
+    def __post_init__(self) -> None:
+        coerce_numbers(self)
+        self.betas = tuple(float(b) for b in self.betas)
+
 
 @dataclass
 class TrainConfig:
@@ -96,7 +116,7 @@ class TrainConfig:
             self.model = from_dict(ModelSection, self.model)
         if isinstance(self.optim, dict):
             self.optim = from_dict(OptimConfig, self.optim)
-        self.optim.betas = tuple(self.optim.betas)
+        coerce_numbers(self)
         if not self.datasets:
             raise ValueError("TrainConfig: no datasets")
         if self.accumulation not in ("all", "round_robin"):

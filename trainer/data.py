@@ -155,7 +155,7 @@ def cut_to_limits(ids: list[int], media_token_id: int, seq_len: int, max_media: 
 
 
 def decode_sample(sample: dict[str, Any], pre: Preprocess) -> dict[str, Any]:
-    """Raw tar sample → {"input_ids": list[int], "images": float32 [N, T, C, H, W]}; BadSample if unusable."""
+    """Raw tar sample → {"key", "input_ids": list[int], "images": float32 [N, T, C, H, W]}; BadSample if unusable."""
     if "json" not in sample:
         raise BadSample("missing_json", sample.get("__key__", ""))
     try:
@@ -191,7 +191,7 @@ def decode_sample(sample: dict[str, Any], pre: Preprocess) -> dict[str, Any]:
                 images[item, t] = decode_image(sample[key], pre.size, mean, std)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise BadSample("corrupt_image", f"{sample.get('__key__')}.{key}: {exc}") from exc
-    return {"input_ids": ids, "images": images}
+    return {"key": sample.get("__key__", ""), "input_ids": ids, "images": images}
 
 
 def collate(samples: list[dict[str, Any]], pre: Preprocess) -> dict[str, torch.Tensor | None]:
@@ -320,9 +320,15 @@ class ShardStream(IterableDataset):
                     skipped[exc.reason] += 1
                 if len(pending) == s.cfg.batch_size:
                     batch = collate(pending, s.pre)
-                    batch["meta"] = {"worker": worker, "cursor": (epoch, read), "skipped": dict(skipped)}
+                    batch["meta"] = {
+                        "worker": worker,
+                        "cursor": (epoch, read),
+                        "skipped": dict(skipped),
+                        "keys": [x["key"] for x in pending],
+                    }
                     yield batch
-                    pending, skipped = [], Counter()
+                    pending = []
+                    skipped.clear()  # not a new Counter: the tar error handler holds this one
             if read == 0:
                 raise RuntimeError(
                     f"dataset {s.name!r}: reader {reader}/{readers} found no readable samples in epoch {epoch} "
@@ -351,6 +357,7 @@ class DatasetStream:
         self.skipped: Counter = Counter()
         self.cursors: dict[int, tuple[int, int]] = {}
         self.wait_s = 0.0
+        self.last_keys: list[str] = []  # sample keys of the last batch (debugging, tests)
         if state:
             self.load_state(state)
         spec_.cursors = dict(self.cursors)
@@ -402,6 +409,7 @@ class DatasetStream:
         meta = batch.pop("meta")
         self.cursors[meta["worker"]] = tuple(meta["cursor"])
         self.skipped.update(meta["skipped"])
+        self.last_keys = meta["keys"]
         self.batches += 1
         self.samples += batch["input_ids"].shape[0]
         non_blocking = self.device.type == "cuda"

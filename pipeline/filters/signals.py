@@ -61,7 +61,9 @@ _SPACE_RE = re.compile(r"\s+")
 
 def hash64(text: str) -> int:
     """Stable signed 64-bit hash (fits parquet int64) of a string."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big", signed=True
+    )
 
 
 def normalise_text(text: str) -> str:
@@ -104,7 +106,9 @@ def minhash_signature(text: str, config: FilterConfig) -> np.ndarray | None:
     shingles = {" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))}
     num_perm = cfg.minhash_bands * cfg.minhash_rows
     template = _template(num_perm, cfg.minhash_seed)
-    mh = MinHash(num_perm=num_perm, seed=cfg.minhash_seed, permutations=template.permutations, scheme=template.scheme)
+    mh = MinHash(
+        num_perm=num_perm, seed=cfg.minhash_seed, permutations=template.permutations, scheme=template.scheme
+    )
     mh.update_batch([s.encode("utf-8") for s in shingles])
     return mh.hashvalues.astype(np.uint32)
 
@@ -113,7 +117,9 @@ def band_keys(signature: np.ndarray, rows: int) -> list[int]:
     """One key per band: a hash of the band's rows, tagged with the band number so bands never collide."""
     return [
         int.from_bytes(
-            hashlib.blake2b(band.tobytes(), digest_size=8, person=f"band{b}".encode()).digest(), "big", signed=True
+            hashlib.blake2b(band.tobytes(), digest_size=8, person=f"band{b}".encode()).digest(),
+            "big",
+            signed=True,
         )
         for b, band in enumerate(signature.reshape(-1, rows))
     ]

@@ -22,9 +22,31 @@ from pipeline.filters.config import (
 )
 from pipeline.filters.text import TextStats, text_stats
 
-_EXTENSION_ALIASES = {"jpe": "jpeg", "jfif": "jpeg", "pjpeg": "jpeg", "tif": "tiff", "svgz": "svg", "svg+xml": "svg"}
+_EXTENSION_ALIASES = {
+    "jpe": "jpeg",
+    "jfif": "jpeg",
+    "pjpeg": "jpeg",
+    "tif": "tiff",
+    "svgz": "svg",
+    "svg+xml": "svg",
+}
 # Only these name an image format; any other extension (.php, .aspx) says nothing about the bytes served.
-IMAGE_FORMATS = {"jpg", "jpeg", "png", "webp", "gif", "svg", "bmp", "tiff", "ico", "avif", "heic", "heif", "jxl", "apng"}
+IMAGE_FORMATS = {
+    "jpg",
+    "jpeg",
+    "png",
+    "webp",
+    "gif",
+    "svg",
+    "bmp",
+    "tiff",
+    "ico",
+    "avif",
+    "heic",
+    "heif",
+    "jxl",
+    "apng",
+}
 
 
 class Step:
@@ -169,7 +191,9 @@ class ImagePattern(Step):
 
     def __init__(self, cfg: ImageFilterConfig) -> None:
         super().__init__()
-        self.pattern = re.compile("|".join(f"(?:{p})" for p in cfg.url_patterns), re.I) if cfg.url_patterns else None
+        self.pattern = (
+            re.compile("|".join(f"(?:{p})" for p in cfg.url_patterns), re.I) if cfg.url_patterns else None
+        )
 
     def keep(self, item: ImageItem) -> tuple[bool, str]:
         if self.pattern is None:
@@ -269,7 +293,10 @@ class Language(Step):
         if not self.languages:
             return True, ""
         if item.lang not in self.languages:
-            return False, f"lang={item.lang or 'none'} ({item.lang_score:.2f}) not in {sorted(self.languages)}"
+            return (
+                False,
+                f"lang={item.lang or 'none'} ({item.lang_score:.2f}) not in {sorted(self.languages)}",
+            )
         if item.lang_score < self.min_score:
             return False, f"lang={item.lang} score={item.lang_score:.3f} < {self.min_score}"
         return True, ""

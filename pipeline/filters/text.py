@@ -9,22 +9,25 @@ from __future__ import annotations
 import functools
 import json
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import regex
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
 
 _HERE = Path(__file__).resolve().parent
 # Words are maximal runs of letters, marks, digits and in-word apostrophes/hyphens: punctuation never counts.
 _WORD_RE = re.compile(r"[^\W_](?:[\w'’-]*[^\W_])?")
+_LETTERS_RE = regex.compile(r"[\p{L}\p{M}]+")
+_NUMPY_MIN_CHARS = 2_000
 # Statistics are computed on at most this many characters: a 10 MB "paragraph" is judged on its first 100 kB
 # (its word count is still exact), so one hostile node cannot stall a worker.
 MAX_STATS_CHARS = 100_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wordlists(name: str) -> dict[str, frozenset[str]]:
     with open(_HERE / f"{name}.json", encoding="utf-8") as f:
         data = json.load(f)
@@ -54,8 +57,7 @@ def special_char_ratio(text: str) -> float:
     """Share of characters that are not letters or marks (punctuation, symbols, digits, spaces, emoji)."""
     if not text:
         return 0.0
-    special = sum(1 for ch in text if unicodedata.category(ch)[0] not in "LM")
-    return special / len(text)
+    return len(_LETTERS_RE.sub("", text)) / len(text)
 
 
 def char_repetition_ratio(text: str, n: int) -> float:
@@ -63,11 +65,23 @@ def char_repetition_ratio(text: str, n: int) -> float:
     counting only n-grams that repeat (so a short text of unique n-grams scores 0, not 1/sqrt(len))."""
     if len(text) < n:
         return 0.0
-    counts = Counter(text[i : i + n] for i in range(len(text) - n + 1))
-    freq = sorted(counts.values(), reverse=True)
-    repeated = sum(1 for c in freq if c > 1)
+    if len(text) < _NUMPY_MIN_CHARS:
+        freq = np.array(
+            sorted(Counter(text[i : i + n] for i in range(len(text) - n + 1)).values(), reverse=True)
+        )
+    else:
+        # Long texts: each n-gram as a 64-bit polynomial hash of its code points, counted with numpy (20x
+        # faster than a Counter of substrings; a collision among one text's n-grams is vanishingly unlikely).
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        m = len(codes) - n + 1
+        hashes = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                hashes = hashes * np.uint64(1_000_003) + codes[k : k + m]
+        freq = np.sort(np.unique(hashes, return_counts=True)[1])[::-1]
+    repeated = int(np.count_nonzero(freq > 1))
     top_k = min(int(len(freq) ** 0.5), repeated)
-    return sum(freq[:top_k]) / sum(freq)
+    return float(freq[:top_k].sum() / freq.sum())
 
 
 def word_repetition_ratio(word_list: list[str], n: int) -> float:
@@ -98,11 +112,10 @@ class TextStats:
 
 def text_stats(text: str, lang: str, char_ngram: int = 10, word_ngram: int = 5) -> TextStats:
     """Statistics of `text`, with the word lists of `lang`."""
-    n_words = word_count(text)
     sample = text[:MAX_STATS_CHARS]
     sample_words = words(sample)
     return TextStats(
-        words=n_words,
+        words=len(sample_words) if len(text) <= MAX_STATS_CHARS else word_count(text),
         char_repetition=char_repetition_ratio(sample, char_ngram),
         word_repetition=word_repetition_ratio(sample_words, word_ngram),
         special_chars=special_char_ratio(sample),

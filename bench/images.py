@@ -1,0 +1,220 @@
+"""Benchmark: our image stage vs plain img2dataset on the same loopback URL list.
+
+    .venv/bin/python bench/images.py [--images 1200] [--out bench-out/images]
+
+Both download the same ≥1,000 real-photo-sized JPEGs (crops/rescales/re-encodes of webcorpus/photos, so every
+file's bytes differ) from one HTTP/1.1 server on 127.0.0.1, resize them to 320×320 center crops and write them
+out. Ours runs with every security check on (scheme allow-list, per-hop address vetting with loopback explicitly
+allowed, byte cap, timeouts, X-Robots-Tag). img2dataset runs from its own venv (`.venv-img2dataset`, created
+here if missing: it pins webdataset<0.3 and pandas<3, which must not enter our venv).
+
+Throughput is URLs / wall seconds of each tool's whole run on an already started Ray for ours (as on a
+cluster; Ray start-up is printed separately) and of the whole `img2dataset` command for it. Peak RSS sums the
+processes doing the work (our driver + Ray workers; img2dataset's process tree).
+Last line: ours_img_s=<float> img2dataset_img_s=<float> ratio=<float> peak_rss_mb=<float>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PHOTOS = Path(os.environ.get("M3W_WEBCORPUS", ROOT.parent / "shared" / "webcorpus")) / "photos"
+I2D_VENV = ROOT / ".venv-img2dataset"
+
+SERVER = """
+import http.server, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for clients that use it
+    def log_message(self, *a): pass
+class S(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+import functools
+s = S(("127.0.0.1", 0), functools.partial(H, directory=sys.argv[1]))
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def make_images(www: Path, n: int, seed: int = 0) -> list[str]:
+    """n distinct JPEGs of web-photo sizes (long side 500-1600 px) derived from the webcorpus photos."""
+    names = [f"img{i:05d}.jpg" for i in range(n)]
+    if www.is_dir() and all((www / name).exists() for name in names):
+        return names
+    www.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sources = [Image.open(p).convert("RGB") for p in sorted(PHOTOS.iterdir()) if p.suffix in (".jpg", ".png")]
+    sources = [s for s in sources if min(s.size) >= 300]
+    for name in names:
+        src = rng.choice(sources)
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        ch = max(ch, cw // 2 + 1)  # keep the aspect ratio ≤ 2 so the filter rules keep them
+        cw = max(cw, ch // 2 + 1)
+        left, top = rng.randint(0, w - min(cw, w)), rng.randint(0, h - min(ch, h))
+        crop = src.crop((left, top, left + cw, top + ch))
+        long_side = rng.randint(500, 1600)
+        scale = long_side / max(crop.size)
+        img = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
+        img.save(www / name, "JPEG", quality=rng.randint(82, 93))
+    return names
+
+
+class RssSampler:
+    """Peak summed RSS of a set of processes, re-picked at every sample (Ray workers come and go)."""
+
+    def __init__(self, pick) -> None:
+        self.pick = pick
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            total = 0
+            for pid in self.pick():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+                except (OSError, StopIteration, ValueError):
+                    continue
+            self.peak_kb = max(self.peak_kb, total)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def ray_workers_and_self() -> list[str]:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    return [str(os.getpid())] + [p for p in pids if _cmdline(p).startswith("ray::")]
+
+
+def descendants(root: int) -> list[str]:
+    children: dict[str, list[str]] = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    out, stack = [], [str(root)]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def ensure_img2dataset() -> Path:
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if not exe.exists():
+        print("creating .venv-img2dataset (img2dataset pins old webdataset/pandas; kept out of .venv)")
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"], check=True)
+    return exe
+
+
+def run_img2dataset(
+    exe: Path, url_file: Path, out: Path, n: int, workers: int, threads: int
+) -> tuple[float, int, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(exe), "--url_list", str(url_file), "--input_format", "txt", "--output_folder", str(out),
+           "--output_format", "files", "--image_size", "320", "--resize_mode", "center_crop",
+           "--processes_count", str(workers), "--thread_count", str(threads),
+           "--number_sample_per_shard", str(max(50, n // (4 * workers))), "--encode_quality", "95",
+           "--extract_exif", "False", "--timeout", "10", "--retries", "0"]  # fmt: skip
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with RssSampler(lambda: descendants(proc.pid)) as rss:
+        _, stderr = proc.communicate()
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"img2dataset failed: {stderr.decode()[-2000:]}")
+    ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+    return seconds, ok, rss.peak_kb / 1024
+
+
+def run_ours(url_file: Path, store: Path, workers: int, threads: int) -> tuple[float, int, float, dict]:
+    from pipeline.images import ImagesConfig, run_images
+
+    shutil.rmtree(store, ignore_errors=True)
+    config = ImagesConfig(threads_per_task=threads, urls_per_unit=100)
+    with RssSampler(ray_workers_and_self) as rss:
+        summary = run_images([url_file], store, config, workers=workers, allow_private=True)
+    return summary.seconds, summary.statuses.get("ok", 0), rss.peak_kb / 1024, summary.statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "images")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--threads", type=int, default=32, help="download threads per process/task, both tools"
+    )
+    args = parser.parse_args()
+
+    names = make_images(args.out / "www", args.images)
+    total_mb = sum((args.out / "www" / n).stat().st_size for n in names) / 1e6
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.out / "www")], stdout=subprocess.PIPE)
+    try:
+        port = int(server.stdout.readline())
+        url_file = args.out / "urls.txt"
+        url_file.write_text("".join(f"http://127.0.0.1:{port}/{name}\n" for name in names))
+        print(f"{len(names)} JPEGs, {total_mb:.0f} MB, served on 127.0.0.1:{port}; {args.workers} processes × "
+              f"{args.threads} threads each")  # fmt: skip
+
+        exe = ensure_img2dataset()
+        i2d_s, i2d_ok, i2d_rss = run_img2dataset(exe, url_file, args.out / "img2dataset", len(names),
+                                                 args.workers, args.threads)  # fmt: skip
+        print(f"img2dataset: {i2d_ok}/{len(names)} ok in {i2d_s:.1f}s, peak RSS {i2d_rss:.0f} MB")
+
+        from pipeline.ray_runner import init_ray
+
+        start = time.monotonic()
+        init_ray(num_cpus=args.workers)
+        print(f"ray start: {time.monotonic() - start:.1f}s (not counted: a cluster is already up)")
+        ours_s, ours_ok, ours_rss, statuses = run_ours(
+            url_file, args.out / "store", args.workers, args.threads
+        )
+        print(
+            f"ours: {ours_ok}/{len(names)} ok in {ours_s:.1f}s, peak RSS {ours_rss:.0f} MB, statuses {statuses}"
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    if ours_ok != len(names) or i2d_ok != len(names):
+        raise SystemExit(f"not every image was downloaded: ours {ours_ok}, img2dataset {i2d_ok}")
+    ours_rate, i2d_rate = len(names) / ours_s, len(names) / i2d_s
+    print(f"ours_img_s={ours_rate:.1f} img2dataset_img_s={i2d_rate:.1f} ratio={ours_rate / i2d_rate:.2f} "
+          f"peak_rss_mb={ours_rss:.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

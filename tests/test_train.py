@@ -1,0 +1,364 @@
+"""`m3w train` on a tiny Flamingo and real tar shards: accumulation maths, exact resume after SIGKILL, DDP,
+learning from images, bad data, optimizer and schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model import Flamingo, build_preset
+from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
+from trainer import toydata
+from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.config import DatasetConfig, OptimConfig, load_train_config
+from trainer.data import build_streams
+from trainer.train import DistEnv, accumulate_gradients, lr_factor, param_groups, step_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny preset's random-init parts, written once, plus its FlamingoConfig as a YAML model section."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = build_preset("tiny", root / "preset")
+    (root / "flamingo.yaml").write_text(yaml.safe_dump(cfg.__dict__))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from model import FlamingoConfig
+
+    return Flamingo.from_config(FlamingoConfig(**yaml.safe_load((tiny_dir / "flamingo.yaml").read_text())))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    tok = load_tokenizer()
+    toydata.write_interleaved(root / "m3w", tok, 64, size=32, shard_size=16)
+    toydata.write_shapes(root / "shapes", tok, 48, size=32, shard_size=48)
+    toydata.write_video(root / "video", tok, 16, size=32, frames=4, shard_size=8)
+    return root
+
+
+def datasets(data: Path, **per) -> dict[str, dict]:
+    base = {
+        "m3w": {"path": str(data / "m3w"), "weight": 1.0, "batch_size": 3, "seq_len": 64, "max_media": 3},
+        "caption_pairs": {"path": str(data / "shapes"), "weight": 0.2, "batch_size": 4, "seq_len": 32},
+        "video_pairs": {
+            "path": str(data / "video"),
+            "weight": 0.03,
+            "batch_size": 2,
+            "seq_len": 32,
+            "num_frames": 4,
+        },
+    }
+    for name, cfg in base.items():
+        cfg.update({"max_media": cfg.get("max_media", 1), "num_workers": 0, **per.get(name, {})})
+    return base
+
+
+def write_config(path: Path, tiny_dir: Path, output: Path, dsets: dict, **extra) -> Path:
+    cfg = {
+        "output_dir": str(output),
+        "seed": 3,
+        "model": {"preset": None, "config": yaml.safe_load((tiny_dir / "flamingo.yaml").read_text())},
+        "datasets": dsets,
+        "optim": {"lr": 1e-3, "warmup_steps": 3},
+        "log_every": 1,
+        "tensorboard": True,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def open_gates(model, value: float = 0.4) -> None:
+    """Gates start at 0, which zeroes the gradient of everything behind them; open them so every trainable
+    parameter has a gradient to compare."""
+    with torch.no_grad():
+        for name, p in model.trainable_parameters():
+            if "gate" in name:
+                p.fill_(value)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.trainable_parameters() if p.grad is not None}
+
+
+def test_accumulation_equals_hand_computed_weighted_sum_and_round_robin_differs(tiny_model, data):
+    model = tiny_model
+    open_gates(model)
+    tok = model.tokenizer
+    cfgs = {n: DatasetConfig(**c) for n, c in datasets(data).items()}
+    streams = build_streams(
+        cfgs, model.image_config, tok, tokenizer_fingerprint(tok), model.media_token_id, seed=0
+    )
+    names = list(cfgs)
+    weights = {n: cfgs[n].weight for n in names}
+    rounds = [{n: streams[n].next_batch() for n in names} for _ in range(2)]  # grad_accum = 2
+
+    expected: dict[str, torch.Tensor] = {}
+    for batches in rounds:
+        for name in names:
+            model.zero_grad(set_to_none=True)
+            model(**batches[name]).loss.backward()
+            for key, g in grads(model).items():
+                expected[key] = expected.get(key, 0) + weights[name] * g / 2
+    assert all(v.abs().sum() > 0 for v in expected.values())
+
+    model.zero_grad(set_to_none=True)
+    plan = step_plan(0, names, "all", 2)
+    micro = [(n, weights[n], rounds[i // len(names)][n]) for i, n in enumerate(plan)]
+    stats = accumulate_gradients(model, micro, len(micro), 2, DistEnv())
+    got = grads(model)
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-8)
+    assert set(stats["loss"]) == set(names) and not stats["nonfinite"]
+
+    model.zero_grad(set_to_none=True)
+    plan = step_plan(0, names, "round_robin", 2)
+    assert plan == [names[0], names[0]]
+    accumulate_gradients(model, [(n, weights[n], rounds[i][n]) for i, n in enumerate(plan)], 2, 2, DistEnv())
+    rr = grads(model)
+    differs = max((rr[k] - expected[k]).abs().max().item() for k in expected)
+    print(f"max |round_robin - accumulated| = {differs:.3e}")
+    assert differs > 1e-3
+
+
+def test_nonfinite_loss_skips_only_that_dataset(tiny_model, data):
+    model = tiny_model
+    open_gates(model)
+    tok = model.tokenizer
+    cfgs = {n: DatasetConfig(**c) for n, c in datasets(data).items() if n != "video_pairs"}
+    streams = build_streams(
+        cfgs, model.image_config, tok, tokenizer_fingerprint(tok), model.media_token_id, seed=0
+    )
+    good, bad = streams["caption_pairs"].next_batch(), streams["m3w"].next_batch()
+    bad["images"] = torch.full_like(bad["images"], float("nan"))  # a poisoned batch: NaN loss
+    model.zero_grad(set_to_none=True)
+    model(**good).loss.backward()
+    expected = {k: 0.2 * g for k, g in grads(model).items()}
+    model.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(model, [("m3w", 1.0, bad), ("caption_pairs", 0.2, good)], 2, 1, DistEnv())
+    assert stats["nonfinite"] == {"m3w": 1} and "m3w" not in stats["loss"]
+    for key, g in grads(model).items():
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, expected[key], rtol=1e-5, atol=1e-8)
+
+
+def test_optimizer_gets_only_trainable_params_with_decay_on_matrices(tiny_model):
+    groups = param_groups(tiny_model, 0.1)
+    trainable = {id(p) for _, p in tiny_model.trainable_parameters()}
+    in_groups = [p for g in groups for p in g["params"]]
+    assert {id(p) for p in in_groups} == trainable and len(in_groups) == len(trainable)
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.ndim < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    gates = [p for n, p in tiny_model.trainable_parameters() if "gate" in n]
+    assert gates and all(any(g is p for p in groups[1]["params"]) for g in gates)
+
+
+def test_schedule_warmup_then_cosine_or_linear():
+    opt = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, opt, 110) == pytest.approx(0.1) and lr_factor(9, opt, 110) == pytest.approx(1.0)
+    assert lr_factor(60, opt, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, opt, 110) == pytest.approx(0.1)
+    lin = OptimConfig(warmup_steps=0, schedule="linear")
+    assert lr_factor(25, lin, 100) == pytest.approx(0.75)
+    assert lr_factor(500, OptimConfig(warmup_steps=0, schedule="constant"), 100) == 1.0
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"m3w": {"path": "x", "batch_size": 2}}, "steps": 5}))
+    cfg = load_train_config(path, ["optim.lr=3e-4", "datasets.m3w.weight=0.5", "accumulation=round_robin"])
+    assert cfg.optim.lr == 3e-4 and cfg.datasets["m3w"].weight == 0.5 and cfg.datasets["m3w"].batch_size == 2
+    assert cfg.accumulation == "round_robin" and cfg.steps == 5
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_train_config(path, ["optim.learning_rate=1"])
+    for shipped in ("train_tiny.yaml", "train_compact.yaml"):
+        cfg = load_train_config(ROOT / "configs" / shipped)
+        assert cfg.datasets["m3w"].weight == 1.0 and cfg.datasets["video_pairs"].weight == 0.03
+        assert cfg.datasets["alt_pairs"].weight == cfg.datasets["caption_pairs"].weight == 0.2
+
+
+def run_train(config: Path, *args: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer.cli", str(config), *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+    )
+
+
+def test_exact_resume_after_sigkill(tiny_dir, data, tmp_path):
+    """20 steps straight == 10 steps, SIGKILL, --resume to 20: same losses, same final trainable weights."""
+    dsets = datasets(data, m3w={"num_workers": 2, "shuffle_buffer": 8}, caption_pairs={"num_workers": 1})
+    extra = {"steps": 20, "checkpoint_every": 5, "keep_checkpoints": 2}
+    straight = tmp_path / "straight"
+    proc = run_train(write_config(tmp_path / "a.yaml", tiny_dir, straight, dsets, **extra))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+    killed = tmp_path / "killed"
+    config = write_config(tmp_path / "b.yaml", tiny_dir, killed, dsets, **extra)
+    proc = run_train(config)
+    for line in proc.stdout:  # kill right after the step-10 checkpoint is written
+        if "step-00000010.pt" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(r["step"] for r in metrics(killed)) < 20, "the run finished before it was killed"
+    proc = run_train(config, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming from" in out and "step 10" in out
+
+    a, b = metrics(straight), metrics(killed)
+    assert (
+        [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 21))
+    )  # nothing lost or duplicated
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7), ra["step"]
+        assert ra["lr"] == pytest.approx(rb["lr"])
+    final_a, final_b = (
+        load_checkpoint(list_checkpoints(straight)[-1]),
+        load_checkpoint(list_checkpoints(killed)[-1]),
+    )
+    assert final_a["step"] == final_b["step"] == 20
+    for name, tensor in final_a["trainable"].items():
+        torch.testing.assert_close(final_b["trainable"][name], tensor, rtol=1e-6, atol=1e-7)
+    assert [p.name for p in list_checkpoints(straight)] == [
+        "step-00000015.pt",
+        "step-00000020.pt",
+    ]  # rotation
+    assert final_a["streams"][0]["m3w"]["batches"] == 20
+    assert (straight / "final").is_dir() and (straight / "tensorboard").is_dir()
+    assert set(a[-1]["gates"]) and 0 <= a[-1]["data_wait_fraction"] <= 1 and a[-1]["tokens_per_s"] > 0
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_double_batch(tiny_dir, data, tmp_path):
+    """2 ranks x batch B (gloo) and 1 process x batch 2B see the same samples per step (epoch mode, no shuffle,
+    samples split across ranks), so their loss curves and weights must agree."""
+    steps = 6
+
+    def dsets(scale: int) -> dict:
+        fixed = {"resampled": False, "shuffle_buffer": 0, "shard_shuffle": False}
+        return {
+            "caption_pairs": {**datasets(data)["caption_pairs"], **fixed, "batch_size": 3 * scale},
+            "m3w": {**datasets(data)["m3w"], **fixed, "path": str(data / "shapes"), "batch_size": 2 * scale},
+        }
+
+    single = tmp_path / "single"
+    proc = run_train(write_config(tmp_path / "s.yaml", tiny_dir, single, dsets(2), steps=steps))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+    ddp = tmp_path / "ddp"
+    config = write_config(tmp_path / "d.yaml", tiny_dir, ddp, dsets(1), steps=steps)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "trainer.cli", str(config)]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    a, b = metrics(single), metrics(ddp)
+    for ra, rb in zip(a, b, strict=True):
+        print(f"step {ra['step']}: 1 proc {ra['loss/total']:.6f}  2 procs {rb['loss/total']:.6f}")
+        assert rb["loss/total"] == pytest.approx(ra["loss/total"], rel=1e-4)
+    assert a[-1]["loss/total"] != pytest.approx(a[0]["loss/total"], rel=1e-3)  # it trained
+    wa, wb = load_checkpoint(list_checkpoints(single)[-1]), load_checkpoint(list_checkpoints(ddp)[-1])
+    assert len(wb["streams"]) == 2  # every rank's stream cursors
+    for name, tensor in wa["trainable"].items():
+        torch.testing.assert_close(wb["trainable"][name], tensor, rtol=1e-3, atol=1e-5)
+
+
+def heldout_losses(model, loader_batches) -> tuple[float, float]:
+    """Mean caption NLL with the true images, and with images rolled across samples (each gets another's)."""
+    true, shuffled = [], []
+    with torch.no_grad():
+        for batch in loader_batches:
+            true.append(model(**batch).loss.item())
+            rolled = dict(batch, images=batch["images"].roll(1, dims=0))
+            shuffled.append(model(**rolled).loss.item())
+    return sum(true) / len(true), sum(shuffled) / len(shuffled)
+
+
+def test_it_learns_and_uses_the_images(tiny_dir, webcorpus, tmp_path):
+    """Shapes/colours drawn with Pillow + crops of the real photos: after a few hundred CPU steps, held-out caption
+    loss with the true images is far below the loss with images shuffled across samples."""
+    tok = load_tokenizer()
+    photos = toydata.load_photos(webcorpus)
+    toydata.write_shapes(tmp_path / "shapes", tok, 1200, size=32, seed=0, shard_size=400)
+    toydata.write_photos(tmp_path / "photos", tok, photos, 600, size=32, seed=0, shard_size=300)
+    toydata.write_shapes(tmp_path / "held_shapes", tok, 96, size=32, seed=99)
+    toydata.write_photos(tmp_path / "held_photos", tok, photos, 64, size=32, seed=99)
+    dsets = {
+        "caption_pairs": {
+            "path": str(tmp_path / "shapes"),
+            "weight": 1.0,
+            "batch_size": 16,
+            "seq_len": 32,
+            "max_media": 1,
+            "num_workers": 1,
+            "shuffle_buffer": 200,
+        },  # fmt: skip
+        "alt_pairs": {
+            "path": str(tmp_path / "photos"),
+            "weight": 0.5,
+            "batch_size": 8,
+            "seq_len": 32,
+            "max_media": 1,
+            "num_workers": 1,
+            "shuffle_buffer": 200,
+        },  # fmt: skip
+    }
+    output = tmp_path / "run"
+    config = write_config(
+        tmp_path / "learn.yaml", tiny_dir, output, dsets, steps=300, log_every=25, checkpoint_every=1000,
+        optim={"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0},
+    )  # fmt: skip
+    proc = run_train(config)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    model = Flamingo.from_pretrained(output / "final").eval()
+    held = {
+        name: DatasetConfig(
+            path=str(tmp_path / name),
+            batch_size=32,
+            seq_len=32,
+            max_media=1,
+            num_workers=0,
+            resampled=False,
+            shuffle_buffer=0,
+            shard_shuffle=False,
+        )  # fmt: skip
+        for name in ("held_shapes", "held_photos")
+    }
+    streams = build_streams(
+        held, model.image_config, model.tokenizer, tokenizer_fingerprint(model.tokenizer),
+        model.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN), seed=0,
+    )  # fmt: skip
+    for name, n in (("held_shapes", 3), ("held_photos", 2)):
+        true, shuffled = heldout_losses(model, [streams[name].next_batch() for _ in range(n)])
+        print(f"{name}: held-out caption loss with true images {true:.4f}, images shuffled {shuffled:.4f}, "
+              f"ratio {true / shuffled:.3f}")  # fmt: skip
+        assert math.isfinite(true) and true <= 0.8 * shuffled
+    first, last = metrics(output)[0], metrics(output)[-1]
+    assert last["loss/total"] < first["loss/total"]
+    assert any(abs(v) > 1e-3 for v in last["gates"].values())  # the gates opened
