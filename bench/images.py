@@ -110,8 +110,9 @@ def _cmdline(pid: str) -> str:
 
 
 def ray_workers_and_self() -> list[str]:
-    pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    return [str(os.getpid())] + [p for p in pids if _cmdline(p).startswith("ray::")]
+    """This driver and the Ray workers of the Ray it started (not the Ray daemons, not other users' Rays)."""
+    mine = descendants(os.getpid())
+    return [str(os.getpid())] + [p for p in mine if _cmdline(p).startswith("ray::")]
 
 
 def descendants(root: int) -> list[str]:
@@ -164,7 +165,7 @@ def run_ours(url_file: Path, store: Path, workers: int, threads: int) -> tuple[f
     from pipeline.images import ImagesConfig, run_images
 
     shutil.rmtree(store, ignore_errors=True)
-    config = ImagesConfig(threads_per_task=threads, urls_per_unit=100)
+    config = ImagesConfig(threads_per_task=threads)
     with RssSampler(ray_workers_and_self) as rss:
         summary = run_images([url_file], store, config, workers=workers, allow_private=True)
     return summary.seconds, summary.statuses.get("ok", 0), rss.peak_kb / 1024, summary.statuses

@@ -73,7 +73,9 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4), rng.choice(list(POSITIONS)))
+    return Scene(
+        rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4), rng.choice(list(POSITIONS))
+    )
 
 
 def draw_scene(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
@@ -119,10 +121,52 @@ def png_bytes(img: Image.Image) -> bytes:
 # Text. Sentences are assembled from templates and per-page fillers, so pages share style but not paragraphs
 # (near-duplicate detection must not mistake the articles for copies of each other).
 
-NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Imani", "Jonas", "Kalani", "Lucia"]
-SURNAMES = ["Moreau", "Okafor", "Lindqvist", "Tanaka", "Alvarez", "Novak", "Haddad", "Brennan", "Kowalski", "Silva"]
-PLACES = ["Lisbon", "Tampere", "Osaka", "Valparaiso", "Leeds", "Graz", "Mombasa", "Quebec", "Tbilisi", "Hobart"]
-TOPICS = ["colour theory", "visual counting", "geometry lessons", "poster design", "pattern making", "art class"]
+NAMES = [
+    "Ada",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Esther",
+    "Farid",
+    "Greta",
+    "Hiro",
+    "Imani",
+    "Jonas",
+    "Kalani",
+    "Lucia",
+]
+SURNAMES = [
+    "Moreau",
+    "Okafor",
+    "Lindqvist",
+    "Tanaka",
+    "Alvarez",
+    "Novak",
+    "Haddad",
+    "Brennan",
+    "Kowalski",
+    "Silva",
+]
+PLACES = [
+    "Lisbon",
+    "Tampere",
+    "Osaka",
+    "Valparaiso",
+    "Leeds",
+    "Graz",
+    "Mombasa",
+    "Quebec",
+    "Tbilisi",
+    "Hobart",
+]
+TOPICS = [
+    "colour theory",
+    "visual counting",
+    "geometry lessons",
+    "poster design",
+    "pattern making",
+    "art class",
+]
 INTRO = [
     "Every week {name} {surname} sends us a new set of pictures from a studio in {place}, and this issue is no exception.",
     "Our series on {topic} continues with {n} small drawings that a reader from {place} shared with the team.",
@@ -221,7 +265,9 @@ def img_tag(src: str, alt: str, rng: random.Random) -> str:
     if style == "lazy":
         return f'<img src="{LAZY_PLACEHOLDER}" data-src="{src}" loading="lazy" class="lazyload" alt="{esc(alt)}">'
     if style == "picture":
-        return f'<picture><source srcset="{src}" type="image/png"><img src="{src}" alt="{esc(alt)}"></picture>'
+        return (
+            f'<picture><source srcset="{src}" type="image/png"><img src="{src}" alt="{esc(alt)}"></picture>'
+        )
     return f'<img src="{src}" alt="{esc(alt)}" {size}>'
 
 
@@ -235,7 +281,9 @@ def figure(src: str, alt: str, caption: str | None, rng: random.Random) -> str:
 SECTIONS = {"shapes": "Shapes Weekly", "photos": "Photo Archive", "notes": "Studio Notes", "tags": "Tags"}
 
 
-def page_shell(title: str, article: str, related: list[tuple[str, str]], page_id: str, rng: random.Random) -> str:
+def page_shell(
+    title: str, article: str, related: list[tuple[str, str]], page_id: str, rng: random.Random
+) -> str:
     nav = "".join(f'<li><a href="/{s}/">{name}</a></li>' for s, name in SECTIONS.items())
     rel = "".join(f'<li><a href="{href}">{esc(text)}</a></li>' for href, text in related)
     ad = rng.choice(["/ads/banner-728x90.png", "/ads/box-300x250.png"])
@@ -282,6 +330,7 @@ class WebBuilder:
         self.seed = seed
         self.webcorpus = Path(webcorpus)
         self.counts: dict[str, int] = {}
+        self.photo_rows: list[dict] = []
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -297,15 +346,27 @@ class WebBuilder:
         logo = Image.new("RGB", (120, 40), (30, 30, 30))
         ImageDraw.Draw(logo).text((8, 12), "DEMO WEB", fill=(255, 255, 255))
         self.write("static/logo.png", png_bytes(logo))
-        self.write("static/pixel.gif", bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c000000000100010000020144003b"))
-        self.write("static/site.css", b"body{font-family:sans-serif;max-width:60em;margin:auto}.sidebar{float:right}\n")
+        self.write(
+            "static/pixel.gif",
+            bytes.fromhex(
+                "47494638396101000100800000000000ffffff21f90401000000002c000000000100010000020144003b"
+            ),
+        )
+        self.write(
+            "static/site.css",
+            b"body{font-family:sans-serif;max-width:60em;margin:auto}.sidebar{float:right}\n",
+        )
         for name, (w, h) in {"banner-728x90": (728, 90), "box-300x250": (300, 250)}.items():
             ad = Image.new("RGB", (w, h), tuple(rng.randint(0, 255) for _ in range(3)))
-            ImageDraw.Draw(ad).text((10, h // 2 - 5), "BIG SALE - CLICK HERE - ADVERTISEMENT", fill=(255, 255, 255))
+            ImageDraw.Draw(ad).text(
+                (10, h // 2 - 5), "BIG SALE - CLICK HERE - ADVERTISEMENT", fill=(255, 255, 255)
+            )
             self.write(f"ads/{name}.png", png_bytes(ad))
 
     def photos(self) -> list[dict]:
-        rows = [json.loads(line) for line in (self.webcorpus / "photos.jsonl").read_text().splitlines() if line]
+        rows = [
+            json.loads(line) for line in (self.webcorpus / "photos.jsonl").read_text().splitlines() if line
+        ]
         rows = [r for r in rows if r.get("caption_short")]  # a photo without a caption teaches nothing
         for row in rows:
             src = self.webcorpus / row["file"]
@@ -317,7 +378,10 @@ class WebBuilder:
     def shapes_article(self, i: int, rng: random.Random) -> tuple[str, str]:
         scenes = [random_scene(rng) for _ in range(rng.randint(2, 4))]
         title = f"Shape study no. {i}: {scenes[0].colour} {scenes[0].shape_word} and more"
-        parts = [f"<h1>{esc(title)}</h1>", f"<p class=\"byline\">By {rng.choice(NAMES)} {rng.choice(SURNAMES)}</p>"]
+        parts = [
+            f"<h1>{esc(title)}</h1>",
+            f'<p class="byline">By {rng.choice(NAMES)} {rng.choice(SURNAMES)}</p>',
+        ]
         parts.append(f"<p>{esc(paragraph(rng, INTRO, 2, n=str(len(scenes))))}</p>")
         for k, scene in enumerate(scenes):
             name = f"img/shapes/{i:04d}-{k}.png"
@@ -333,12 +397,14 @@ class WebBuilder:
         parts.append(f"<p>{esc(paragraph(rng, OUTRO, 2))}</p>")
         return title, "\n".join(parts)
 
-    def photo_article(self, i: int, rng: random.Random, photos: list[dict]) -> tuple[str, str]:
-        chosen = rng.sample(photos, rng.randint(1, 3))
+    def photo_article(self, i: int, rng: random.Random) -> tuple[str, str]:
+        chosen = rng.sample(self.photo_rows, rng.randint(1, 3))
         title = f"From the archive: {chosen[0]['caption_short'].rstrip('.')}"
         parts = [f"<h1>{esc(title)}</h1>", f"<p>{esc(paragraph(rng, INTRO, 2))}</p>"]
         for photo in chosen:
-            parts.append(figure(f"/{photo['site_path']}", photo["caption_short"], photo["caption_short"], rng))
+            parts.append(
+                figure(f"/{photo['site_path']}", photo["caption_short"], photo["caption_short"], rng)
+            )
             about = photo["caption_long"] or photo["caption_short"]
             parts.append(f"<p>{esc(about)} {esc(paragraph(rng, FILLER, 2))}</p>")
             self.count("photo_images")
@@ -346,7 +412,10 @@ class WebBuilder:
         return title, "\n".join(parts)
 
     def tag_page(self, i: int, rng: random.Random) -> tuple[str, str]:
-        links = "".join(f'<li><a href="/shapes/study-{rng.randint(0, 999):04d}.html">Study {k}</a></li>' for k in range(30))
+        links = "".join(
+            f'<li><a href="/shapes/study-{rng.randint(0, 999):04d}.html">Study {k}</a></li>'
+            for k in range(30)
+        )
         return f"Tag: {rng.choice(TOPICS)} (page {i})", f"<h1>Tagged</h1><ul>{links}</ul>"
 
     def foreign_page(self, i: int, rng: random.Random) -> tuple[str, str]:
@@ -357,7 +426,14 @@ class WebBuilder:
 
     def build_pages(self) -> list[Page]:
         rng = random.Random(self.seed)
-        photos = self.photos()
+        self.photo_rows = self.photos()
+        makers = {
+            "shapes": self.shapes_article,
+            "photos": self.photo_article,
+            "tags": self.tag_page,
+            "foreign": self.foreign_page,
+            "thin": self.thin_page,
+        }
         pages: list[Page] = []
         for i in range(self.pages):
             kind = rng.choices(
@@ -372,14 +448,11 @@ class WebBuilder:
             if kind == "duplicate":
                 kind = "shapes"
             section = {"shapes": "shapes", "photos": "photos", "tags": "tags"}.get(kind, "notes")
-            title, article = {
-                "shapes": lambda: self.shapes_article(i, rng),
-                "photos": lambda: self.photo_article(i, rng, photos),
-                "tags": lambda: self.tag_page(i, rng),
-                "foreign": lambda: self.foreign_page(i, rng),
-                "thin": lambda: self.thin_page(i, rng),
-            }[kind]()
-            related = [(f"/shapes/study-{rng.randint(0, self.pages):04d}.html", f"Shape study no. {k}") for k in range(4)]
+            title, article = makers[kind](i, rng)
+            related = [
+                (f"/shapes/study-{rng.randint(0, self.pages):04d}.html", f"Shape study no. {k}")
+                for k in range(4)
+            ]
             path = f"{section}/study-{i:04d}.html"
             html = page_shell(title, article, related, f"{i:04d}", rng)
             self.write(path, html.encode())
@@ -394,7 +467,9 @@ class WebBuilder:
 
         def record(rtype, uri: str | None, content: bytes, when: datetime, content_type: str) -> bytes:
             rec = WarcRecord()
-            rec.init_headers(rtype, f"uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{rtype}:{uri}:{when}')}".encode())
+            rec.init_headers(
+                rtype, f"uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{rtype}:{uri}:{when}')}".encode()
+            )
             rec.headers["WARC-Date"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
             if uri:
                 rec.headers["WARC-Target-URI"] = uri
@@ -411,8 +486,11 @@ class WebBuilder:
             rel = f"crawl-data/{CRAWL}/segments/{SEGMENT}/warc/{name}"
             chunks = [
                 record(
-                    WarcRecordType.warcinfo, None, f"software: m3w demo web\r\nisPartOf: {CRAWL}\r\n".encode(),
-                    CRAWL_START, "application/warc-fields",
+                    WarcRecordType.warcinfo,
+                    None,
+                    f"software: m3w demo web\r\nisPartOf: {CRAWL}\r\n".encode(),
+                    CRAWL_START,
+                    "application/warc-fields",
                 )
             ]
             for i in range(f, len(pages), files):
@@ -420,18 +498,35 @@ class WebBuilder:
                 when = CRAWL_START + timedelta(seconds=i)
                 host = page.url.split("/")[2]
                 path = "/" + page.url.split("/", 3)[3]
-                request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: m3w-demo-crawler\r\n\r\n".encode()
+                request = (
+                    f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: m3w-demo-crawler\r\n\r\n".encode()
+                )
                 body = page.html.encode()
                 response = (
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-                chunks.append(record(WarcRecordType.request, page.url, request, when, "application/http; msgtype=request"))
-                chunks.append(record(WarcRecordType.response, page.url, response, when, "application/http; msgtype=response"))
+                chunks.append(
+                    record(
+                        WarcRecordType.request, page.url, request, when, "application/http; msgtype=request"
+                    )
+                )
+                chunks.append(
+                    record(
+                        WarcRecordType.response,
+                        page.url,
+                        response,
+                        when,
+                        "application/http; msgtype=response",
+                    )
+                )
             self.write(rel, b"".join(chunks))
             rel_paths.append(rel)
-        self.write(f"crawl-data/{CRAWL}/warc.paths.gz", gzip.compress(("\n".join(rel_paths) + "\n").encode(), mtime=0))
+        self.write(
+            f"crawl-data/{CRAWL}/warc.paths.gz",
+            gzip.compress(("\n".join(rel_paths) + "\n").encode(), mtime=0),
+        )
         return rel_paths
 
     # -- video -------------------------------------------------------------------------------------------------
@@ -443,7 +538,9 @@ class WebBuilder:
             direction = rng.choice(["left to right", "right to left", "top to bottom", "bottom to top"])
             rel = f"video/clip-{i:02d}.mp4"
             self.write(rel, moving_shape_clip(colour, shape, direction))
-            rows.append({"url": f"{self.base_url}/{rel}", "caption": f"a {colour} {shape} moving from {direction}"})
+            rows.append(
+                {"url": f"{self.base_url}/{rel}", "caption": f"a {colour} {shape} moving from {direction}"}
+            )
         table = self.out / "videos.jsonl"
         table.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.count("videos", n)
@@ -472,7 +569,9 @@ class WebBuilder:
         return summary
 
 
-def moving_shape_clip(colour: str, shape: str, direction: str, seconds: int = 6, fps: int = 4, size: int = 128) -> bytes:
+def moving_shape_clip(
+    colour: str, shape: str, direction: str, seconds: int = 6, fps: int = 4, size: int = 128
+) -> bytes:
     """An MPEG-4 clip of one shape crossing the frame."""
     import av
 
@@ -546,9 +645,13 @@ def write_eval_sets(root: Path, seed: int, support: int = 36, query: int = 36) -
         for i, (scene, data) in enumerate(zip(scenes, images)):
             file_name = f"demo_{split}_{i:012d}.png"
             (cap_dir / "images" / file_name).write_bytes(data)
-            coco["images"].append({"id": i, "file_name": file_name, "width": IMAGE_SIZE, "height": IMAGE_SIZE})
+            coco["images"].append(
+                {"id": i, "file_name": file_name, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+            )
             for caption in caption_variants(scene):
-                coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i, "caption": caption})
+                coco["annotations"].append(
+                    {"id": len(coco["annotations"]), "image_id": i, "caption": caption}
+                )
         (cap_dir / "captions.json").write_text(json.dumps(coco, indent=1))
 
         vqa_dir = root / "vqa" / split
@@ -570,7 +673,8 @@ def write_eval_sets(root: Path, seed: int, support: int = 36, query: int = 36) -
                         "answer_type": "number" if kind == "count" else "other",
                         "multiple_choice_answer": answer,
                         "answers": [
-                            {"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(given)
+                            {"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                            for k, a in enumerate(given)
                         ],
                     }
                 )
@@ -586,7 +690,9 @@ def write_eval_sets(root: Path, seed: int, support: int = 36, query: int = 36) -
     return root
 
 
-def build_web(out: str | Path, base_url: str, pages: int = 240, seed: int = 0, webcorpus: Path = WEBCORPUS) -> dict:
+def build_web(
+    out: str | Path, base_url: str, pages: int = 240, seed: int = 0, webcorpus: Path = WEBCORPUS
+) -> dict:
     """Build the demo web under `out` for a server at `base_url`. Returns the summary also written to web.json."""
     return WebBuilder(Path(out), base_url, pages, seed, webcorpus).build()
 
@@ -594,7 +700,9 @@ def build_web(out: str | Path, base_url: str, pages: int = 240, seed: int = 0, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--base-url", required=True, help="where demo.run serves out/site, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--base-url", required=True, help="where demo.run serves out/site, e.g. http://127.0.0.1:8000"
+    )
     parser.add_argument("--pages", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -13,6 +13,7 @@ the first image. The k-th `<image>` of a row is the k-th real media slot of that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ from model.xattn import GatedCrossAttentionBlock
 
 CONFIG_FILE = "flamingo_config.json"
 WEIGHTS_FILE = "trainable.safetensors"
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay as loaded: fp32 trainable parts, frozen parts in `from_config`'s dtype);
+    full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -100,11 +109,13 @@ class Flamingo(nn.Module):
         """The trainable weights and a config naming the frozen parts (which are not copied)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        from pipeline.io import atomic_open, atomic_path
+
         weights = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters()}
-        save_file(weights, str(directory / WEIGHTS_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        with atomic_path(Path(directory) / WEIGHTS_FILE) as tmp:  # a killed save leaves no half file
+            save_file(weights, str(tmp))
+        with atomic_open(Path(directory) / CONFIG_FILE, "w") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> Flamingo:
@@ -146,9 +157,10 @@ class Flamingo(nn.Module):
             raise ValueError(f"images must be [B, N_media, T, C, H, W], got shape {tuple(images.shape)}")
         batch, slots, frames = images.shape[:3]
         real = images.flatten(0, 1) if media_mask is None else images[media_mask]  # [M, T, C, H, W]
-        features = self.vision(real.flatten(0, 1))  # [M·T, S, dv]
-        features = features.unflatten(0, (-1, frames)).to(self.resampler.latents.dtype)
-        visual = self.resampler(features)  # [M, R, dv]
+        with autocast(images.device):
+            features = self.vision(real.flatten(0, 1))  # [M·T, S, dv]
+            features = features.unflatten(0, (-1, frames)).to(self.resampler.latents.dtype)
+            visual = self.resampler(features)  # [M, R, dv]
         if media_mask is None:
             return visual.unflatten(0, (batch, slots))
         counts = media_mask.sum(1)
@@ -179,15 +191,18 @@ class Flamingo(nn.Module):
     ) -> VisualState:
         """Encode the media once and compute every block's K/V: reused by every decoding step."""
         if images is None:
-            self.media_index(input_ids, torch.zeros(len(input_ids), dtype=torch.long))  # no stray <image>
-            return VisualState(kv=None, media_index=None)
-        if media_mask is None:
+            num_media = torch.zeros(len(input_ids), dtype=torch.long)
+        elif media_mask is None:
             num_media = torch.full((len(input_ids),), images.shape[1], dtype=torch.long)
         else:
             num_media = media_mask.sum(1).long()
-        media_index = self.media_index(input_ids, num_media)
+        media_index = self.media_index(input_ids, num_media)  # also checks one image per <image> token
+        if images is None or int(num_media.sum()) == 0:
+            return VisualState(kv=None, media_index=None)  # text only: the blocks apply their gated FFW
         visual = self.encode_media(images, media_mask)
-        return VisualState([block.attn.media_kv(visual) for block in self.xattn], media_index)
+        with autocast(images.device):
+            kv = [block.attn.media_kv(visual) for block in self.xattn]
+        return VisualState(kv, media_index)
 
     def _cross_attend(self, block_index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Forward pre-hook body for the gated layers (see lm_adapter.attach_before_layers)."""
@@ -215,20 +230,20 @@ class Flamingo(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:  # from the mask, so left- and right-padded rows both count from 0
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        embeds = self.new_tokens.embed(input_ids, self.lm.get_input_embeddings())
         self._state = state
         try:
-            out = self.lm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
-                output_hidden_states=True,
-            )
+            with autocast(input_ids.device):
+                out = self.lm(
+                    inputs_embeds=self.new_tokens.embed(input_ids, self.lm.get_input_embeddings()),
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=past_key_values is not None,
+                    output_hidden_states=True,
+                )
+                logits = self.new_tokens.logits(out.logits, out.hidden_states[-1])
         finally:
             self._state = None
-        logits = self.new_tokens.logits(out.logits, out.hidden_states[-1])
         return FlamingoOutput(loss=None, logits=logits, past_key_values=out.past_key_values)
 
     def forward(
@@ -242,9 +257,9 @@ class Flamingo(nn.Module):
         state = self.visual_state(input_ids, images, media_mask)
         out = self.run_lm(input_ids, state, attention_mask)
         if labels is not None:
-            out.loss = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            # shift the labels, not the logits: slicing [B, L, vocab] would copy it
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return out
 
     # ---- generation (model/generation.py) --------------------------------------------------------------------

@@ -83,9 +83,11 @@ class NewTokenRows(nn.Module):
 
     def logits(self, lm_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """[B, L, lm_vocab] → [B, L, vocab_size] with the new tokens' logits from their own output rows."""
-        lm_logits = lm_logits.float()
-        extra = self.vocab_size - lm_logits.shape[-1]
+        logits = lm_logits.float()
+        extra = self.vocab_size - logits.shape[-1]
         if extra:
-            lm_logits = nn.functional.pad(lm_logits, (0, extra), value=torch.finfo(lm_logits.dtype).min)
+            logits = nn.functional.pad(logits, (0, extra), value=torch.finfo(logits.dtype).min)
         new = hidden.to(self.output_rows.dtype) @ self.output_rows.T  # [B, L, n_new]
-        return lm_logits.index_copy(-1, self.token_ids, new.float())
+        # In place: the LM head's output is a fresh tensor that autograd does not need, and an out-of-place
+        # copy of [B, L, vocab] costs more than the whole LM head on a CPU.
+        return logits.index_copy_(-1, self.token_ids, new.float())

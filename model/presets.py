@@ -62,18 +62,21 @@ FROZEN_SHAPES = {
 }  # fmt: skip
 
 
-def lm_config(shape: LMShape, vocab: int):
+def lm_config(shape: LMShape, vocab: int, eos_token_id: int | None = None):
     """A random-init HF config of the chosen family, dropout off (the LM is frozen: no regularisation wanted)."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     ffn = shape.ffn or 4 * shape.dim
+    ends = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     if shape.family == "gpt2":
         return GPT2Config(
+            **ends,
             vocab_size=vocab, n_embd=shape.dim, n_layer=shape.layers, n_head=shape.heads, n_inner=ffn,
             n_positions=shape.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
     if shape.family == "gpt_neox":
         return GPTNeoXConfig(
+            **ends,
             vocab_size=vocab, hidden_size=shape.dim, num_hidden_layers=shape.layers,
             num_attention_heads=shape.heads, intermediate_size=ffn, max_position_embeddings=shape.max_positions,
             hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=shape.tie_embeddings,
@@ -82,6 +85,7 @@ def lm_config(shape: LMShape, vocab: int):
     if shape.family not in families:
         raise ValueError(f"unknown LM family {shape.family!r}; known: gpt2, gpt_neox, {', '.join(families)}")
     return families[shape.family](
+        **ends,
         vocab_size=vocab, hidden_size=shape.dim, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads or shape.heads, intermediate_size=ffn,
         max_position_embeddings=shape.max_positions, tie_word_embeddings=shape.tie_embeddings,
@@ -116,9 +120,9 @@ def write_random_parts(
     tok_dir, lm_dir, vision_dir = workdir / "tokenizer", workdir / f"lm-{lm.family}", workdir / "vision"
     tok.save_pretrained(tok_dir)
     torch.manual_seed(seed)
-    config = lm_config(lm, lm.vocab or len(tok))
-    config.bos_token_id = config.eos_token_id = tok.eos_token_id
-    AutoModelForCausalLM.from_config(config).save_pretrained(lm_dir)
+    AutoModelForCausalLM.from_config(lm_config(lm, lm.vocab or len(tok), tok.eos_token_id)).save_pretrained(
+        lm_dir
+    )
     AutoModel.from_config(vision_config(vision)).save_pretrained(vision_dir)
     clip = vision.family == "clip"
     CLIPImageProcessor(

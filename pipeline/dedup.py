@@ -26,17 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import to_dict
 from pipeline.filters.config import DedupConfig
 from pipeline.filters.signals import hash64
 from pipeline.io import stable_hash, write_parquet_atomic
+from schemas.filter_cache import (
+    DEDUP_DOCUMENTS_SCHEMA,
+    DEDUP_IMAGE_URLS_SCHEMA,
+    DEDUP_PARAGRAPHS_SCHEMA,
+    DEDUP_VERSION,
+)
 
-DOC_DECISIONS_SCHEMA = pa.schema(
-    [pa.field("doc_id", pa.string()), pa.field("filter", pa.string()), pa.field("reason", pa.string())]
-)
-IMAGE_URLS_SCHEMA = pa.schema([pa.field("url", pa.string()), pa.field("docs", pa.int64())])
-PARAGRAPHS_SCHEMA = pa.schema(
-    [pa.field("domain", pa.string()), pa.field("hash", pa.int64()), pa.field("docs", pa.int64())]
-)
 DOC_RULES = (
     ("url_key", "dedup.same_url", "same URL"),
     ("text_hash", "dedup.exact_text", "same text"),
@@ -204,27 +204,30 @@ def compute_decisions(files: Sequence[str], cfg: DedupConfig) -> DedupDecisions:
 def decisions_key(files: Sequence[str], cfg: DedupConfig) -> str:
     """Decisions are valid for exactly this dedup config and these signal files (whose names carry the inputs'
     fingerprints and the signals config)."""
-    return stable_hash({"dedup": cfg.__dict__, "files": sorted(Path(f).name for f in files)})
+    return stable_hash(
+        {"version": DEDUP_VERSION, "dedup": to_dict(cfg), "files": sorted(Path(f).name for f in files)}
+    )
 
 
 def save_decisions(decisions: DedupDecisions, directory: Path) -> None:
     docs = sorted(decisions.documents.items())
     write_parquet_atomic(
         pa.Table.from_pylist(
-            [{"doc_id": d, "filter": f, "reason": r} for d, (f, r) in docs], schema=DOC_DECISIONS_SCHEMA
+            [{"doc_id": d, "filter": f, "reason": r} for d, (f, r) in docs], schema=DEDUP_DOCUMENTS_SCHEMA
         ),
         directory / "documents.parquet",
     )
     write_parquet_atomic(
         pa.Table.from_pylist(
-            [{"url": u, "docs": c} for u, c in sorted(decisions.image_urls.items())], schema=IMAGE_URLS_SCHEMA
+            [{"url": u, "docs": c} for u, c in sorted(decisions.image_urls.items())],
+            schema=DEDUP_IMAGE_URLS_SCHEMA,
         ),
         directory / "image_urls.parquet",
     )
     write_parquet_atomic(
         pa.Table.from_pylist(
             [{"domain": d, "hash": h, "docs": c} for (d, h), c in sorted(decisions.paragraphs.items())],
-            schema=PARAGRAPHS_SCHEMA,
+            schema=DEDUP_PARAGRAPHS_SCHEMA,
         ),
         directory / "paragraphs.parquet",
     )

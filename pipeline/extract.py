@@ -144,7 +144,13 @@ def run_extract(
     if len({u.id for u in units}) != len(units):
         raise ValueError("two inputs map to the same unit name")  # only possible with a hash collision
     return run_units(
-        extract_unit, units, manifest, workers=workers, ray_address=ray_address, desc=STAGE, rate_key="documents"
+        extract_unit,
+        units,
+        manifest,
+        workers=workers,
+        ray_address=ray_address,
+        desc=STAGE,
+        rate_key="documents",
     )
 
 
@@ -162,13 +168,21 @@ def _print_summary(summary: RunSummary, out_dir: str) -> None:
 
 @click.command("extract")
 @click.argument("inputs", nargs=-1)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output documents/ dir.")
-@click.option("--workers", type=int, default=None, help="Parallel WARCs (default: all CPUs of the Ray cluster).")
-@click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray).")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output documents/ dir."
+)
+@click.option(
+    "--workers", type=int, default=None, help="Parallel WARCs (default: all CPUs of the Ray cluster)."
+)
+@click.option(
+    "--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)."
+)
 @click.option("--crawl", default=None, help="Common Crawl id, e.g. CC-MAIN-2024-22: read its warc.paths.gz.")
 @click.option("--limit", type=int, default=None, help="Only the first N WARCs.")
 @click.option("--cc-base-url", default=DEFAULT_CC_BASE_URL, show_default=True, envvar="M3W_CC_BASE_URL")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML ExtractConfig.")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML ExtractConfig."
+)
 @click.option("--set", "overrides", multiple=True, help="Config override, e.g. page.max_html_bytes=2000000.")
 def extract_cmd(
     inputs: tuple[str, ...],
@@ -184,7 +198,14 @@ def extract_cmd(
     """Extract interleaved documents from WARC files (paths, globs, URLs, warc.paths.gz files, or --crawl)."""
     config = load_config(ExtractConfig, config_path, list(overrides))
     summary = run_extract(
-        inputs, out_dir, workers, ray_address, crawl=crawl, limit=limit, cc_base_url=cc_base_url, config=config
+        inputs,
+        out_dir,
+        workers,
+        ray_address,
+        crawl=crawl,
+        limit=limit,
+        cc_base_url=cc_base_url,
+        config=config,
     )
     _print_summary(summary, out_dir)
     if summary.failed:

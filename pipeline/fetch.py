@@ -55,6 +55,7 @@ class FetchConfig:
     check_robots_txt: bool = False
     robots_cache_size: int = 10_000
     verify_tls: bool = True
+    ca_certs: str | None = None  # a CA bundle (PEM) instead of the system's, e.g. for an internal mirror
     max_pools: int = 512  # cached keep-alive connection pools (one per host IP)
     pool_connections: int = 32  # connections kept per pool; match the fetch threads per task
 
@@ -172,6 +173,8 @@ class SafeFetcher:
         try:
             for hop in range(self.config.max_redirects + 1):
                 result.redirects = hop
+                if check_robots and self.config.check_robots_txt and not self._robots_allow(current):
+                    raise FetchError(OPTED_OUT, f"disallowed by robots.txt: {current[:200]}")
                 response = self._request(current, deadline, first=hop == 0)
                 body_read = False
                 try:
@@ -189,8 +192,6 @@ class SafeFetcher:
                     )
                     if directive:
                         raise FetchError(OPTED_OUT, f"X-Robots-Tag: {directive}", response.status)
-                    if check_robots and self.config.check_robots_txt and not self._robots_allow(current):
-                        raise FetchError(OPTED_OUT, "disallowed by robots.txt", response.status)
                     result.content = self._read_body(response, max_bytes or self.config.max_bytes, deadline)
                     body_read = True
                     return result
@@ -202,13 +203,16 @@ class SafeFetcher:
         except FetchError as exc:
             result.status, result.error = exc.status, str(exc)
             result.http_status = exc.http_status if exc.http_status is not None else result.http_status
-        except (
-            urllib3.exceptions.NewConnectionError
-        ) as exc:  # a subclass of ConnectTimeoutError, not a timeout
+        # NewConnectionError (refused, unreachable) subclasses ConnectTimeoutError but is no timeout.
+        except urllib3.exceptions.NewConnectionError as exc:
             result.status, result.error = HTTP_ERROR, f"connection failed: {exc}"
         except urllib3.exceptions.TimeoutError as exc:
             result.status, result.error = TIMEOUT, f"timeout: {exc}"
         except urllib3.exceptions.HTTPError as exc:  # connection refused/reset, TLS, protocol errors
+            result.status, result.error = HTTP_ERROR, f"connection error: {type(exc).__name__}: {exc}"
+        except (ValueError, UnicodeError) as exc:  # a URL the HTTP layer cannot send (control chars, bad IDN)
+            result.status, result.error = BAD_URL, f"bad URL: {type(exc).__name__}: {exc}"
+        except OSError as exc:  # socket errors urllib3 does not wrap
             result.status, result.error = HTTP_ERROR, f"connection error: {type(exc).__name__}: {exc}"
         result.final_url = result.final_url or current
         return result
@@ -226,6 +230,7 @@ class SafeFetcher:
             raise FetchError(BAD_URL, f"bad URL {url[:200]!r}: {exc}") from None
         if not host:
             raise FetchError(BAD_URL, f"no host in {url[:200]!r}")
+        host = host.encode("idna").decode("ascii")  # IDN → punycode: DNS, Host, SNI, certificate all agree
         ips = resolve_vetted(host, port, self.config.allow_private)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -270,6 +275,7 @@ class SafeFetcher:
                     server_hostname=host,
                     assert_hostname=host if self.config.verify_tls else False,
                     cert_reqs="CERT_REQUIRED" if self.config.verify_tls else "CERT_NONE",
+                    ca_certs=self.config.ca_certs,
                     **kwargs,
                 )
             else:

@@ -24,7 +24,7 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import apply_overrides, from_dict, load_config, to_dict
+from pipeline.config import load_config, to_dict
 from pipeline.dedup import DedupDecisions, load_decisions, run_dedup
 from pipeline.docs import document_files, iter_documents
 from pipeline.filters import (
@@ -33,17 +33,19 @@ from pipeline.filters import (
     ImageItem,
     Step,
     document_steps,
+    first_drops,
     image_steps,
     paragraph_steps,
     run_steps,
 )
 from pipeline.filters.lang import identify
-from pipeline.filters.signals import domain_of, signals_table, stats_of
+from pipeline.filters.signals import domain_of, signals_table, stats_columns, stats_of
 from pipeline.filters.text import MAX_STATS_CHARS, TextStats, word_repetition_ratio, words
 from pipeline.io import atomic_path, stable_hash, write_parquet_atomic
 from pipeline.manifest import Manifest
 from pipeline.ray_runner import Unit, init_ray, run_units
 from schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, NODE_IMAGE, NODE_TEXT
+from schemas.filter_cache import SIGNALS_VERSION
 
 STAGE = "filter"
 SIGNALS_STAGE = "filter.signals"
@@ -123,13 +125,17 @@ class Funnel:
     """Counts for the manifest: `in.<measure>`, `drop.<filter>.<measure>`, `out.<measure>`."""
 
     def __init__(self) -> None:
-        self.counts: Counter = Counter()
+        # in/out always present (also as 0), so a unit that keeps nothing still says so.
+        self.counts: Counter = Counter({f"{p}.{m}": 0 for p in ("in", "out") for m in MEASURES})
+        self._keys: dict[str, list[str]] = {}
 
     def add(
         self, prefix: str, documents: int = 0, paragraphs: int = 0, images: int = 0, words: int = 0
     ) -> None:
-        for measure, value in zip(MEASURES, (documents, paragraphs, images, words)):
-            self.counts[f"{prefix}.{measure}"] += value
+        keys = self._keys.get(prefix) or self._keys.setdefault(prefix, [f"{prefix}.{m}" for m in MEASURES])
+        for key, value in zip(keys, (documents, paragraphs, images, words)):
+            if value:
+                self.counts[key] += value
 
 
 def _node_words(node: dict[str, Any], node_stats: dict[int, dict[str, Any]]) -> int:
@@ -196,19 +202,40 @@ def document_item(
 class DocumentFilter:
     """Applies the steps and the dedup decisions to one document at a time, counting into a Funnel."""
 
-    def __init__(self, config: FilterConfig, decisions: DedupDecisions) -> None:
+    def __init__(
+        self, config: FilterConfig, decisions: DedupDecisions, signals: pa.Table | None = None
+    ) -> None:
         self.config = config
         self.decisions = decisions
         self.image_steps = image_steps(config)
         self.paragraph_steps = paragraph_steps(config)
         self.document_steps = document_steps(config)
         self.funnel = Funnel()
+        # Paragraph thresholds of a whole unit decided in one numpy pass: (doc_id, node_index) → index of the
+        # first paragraph step that drops the node (-1: kept). Without a table, nodes are decided one by one.
+        self.paragraph_verdicts: dict[tuple[str, int], int] | None = None
+        if signals is not None:
+            rows, node_index, stats = stats_columns(signals)
+            first = first_drops(self.paragraph_steps, stats, len(node_index))
+            doc_ids = signals["doc_id"].to_pylist()
+            self.paragraph_verdicts = {
+                (doc_ids[r], i): f for r, i, f in zip(rows.tolist(), node_index.tolist(), first.tolist())
+            }
 
     def steps(self) -> list[Step]:
         return [*self.image_steps, *self.paragraph_steps, *self.document_steps]
 
+    def _paragraph_drop(self, doc_id: str, node_stats: dict[str, Any]) -> tuple[str, str] | None:
+        if self.paragraph_verdicts is None:
+            return run_steps(self.paragraph_steps, stats_of(node_stats))
+        first = self.paragraph_verdicts[(doc_id, node_stats["node_index"])]
+        if first < 0:
+            return None
+        step = self.paragraph_steps[first]
+        return step.name, step.keep(stats_of(node_stats))[1]
+
     def _node_drop(
-        self, node: dict[str, Any], stats: dict[int, dict[str, Any]], domain: str
+        self, doc_id: str, node: dict[str, Any], stats: dict[int, dict[str, Any]], domain: str
     ) -> tuple[str, str] | None:
         if node["kind"] == NODE_IMAGE:
             url = node.get("url") or ""
@@ -220,7 +247,7 @@ class DocumentFilter:
             return dropped
         if node["kind"] == NODE_TEXT:
             node_stats = stats[node["node_index"]]
-            dropped = run_steps(self.paragraph_steps, stats_of(node_stats))
+            dropped = self._paragraph_drop(doc_id, node_stats)
             repeats = self.decisions.paragraphs.get((domain, node_stats["hash"]))
             if dropped is None and repeats is not None:
                 limit = self.config.dedup.paragraph_max_docs_per_domain
@@ -242,13 +269,16 @@ class DocumentFilter:
         excluded, kept = [], []
         domain = signals["domain"] or domain_of(doc)
         for node in nodes:
-            dropped = self._node_drop(node, stats, domain)
+            dropped = self._node_drop(doc["doc_id"], node, stats, domain)
             if dropped is None:
                 kept.append(node)
                 continue
-            level = "image" if node["kind"] == NODE_IMAGE else "paragraph"
-            self.funnel.add(f"drop.{dropped[0]}", **_sizes([node], stats))
-            excluded.append(_excluded(doc, level, node, *dropped))
+            if node["kind"] == NODE_IMAGE:
+                self.funnel.add(f"drop.{dropped[0]}", images=1)
+                excluded.append(_excluded(doc, "image", node, *dropped))
+            else:
+                self.funnel.add(f"drop.{dropped[0]}", paragraphs=1, words=_node_words(node, stats))
+                excluded.append(_excluded(doc, "paragraph", node, *dropped))
 
         dropped = run_steps(self.document_steps, document_item(kept, stats, self.config))
         if dropped is not None:
@@ -260,11 +290,12 @@ class DocumentFilter:
 
 
 def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
-    signals = {row["doc_id"]: row for row in pq.read_table(task.signals_path).to_pylist()}
+    table = pq.read_table(task.signals_path, columns=["doc_id", "domain", "nodes"])
+    signals = {row["doc_id"]: row for row in table.to_pylist()}
     decisions = load_decisions(Path(task.decisions_dir))
     if decisions is None:
         raise RuntimeError(f"dedup decisions missing in {task.decisions_dir}")
-    doc_filter = DocumentFilter(task.config, decisions)
+    doc_filter = DocumentFilter(task.config, decisions, table)
     out_dir = Path(task.out_dir)
     output = f"{task.unit}.parquet"
     excluded: list[dict[str, Any]] = []
@@ -311,7 +342,7 @@ def run_filter(
         raise FileNotFoundError(f"no documents (*.parquet) in {docs_dir}")
     init_ray(ray_address)
 
-    signals_hash = stable_hash(config.signals_part())
+    signals_hash = stable_hash({"version": SIGNALS_VERSION, **config.signals_part()})
     signals_dir = out_dir / CACHE_DIR / "signals"
     signals_path = {u.name: signals_dir / f"{u.name}.{u.fingerprint}.{signals_hash}.parquet" for u in units}
     signals = run_units(
@@ -369,12 +400,6 @@ def run_filter(
     }
 
 
-def load_filter_config(path: str | None, overrides: list[str]) -> FilterConfig:
-    if path is None:
-        return from_dict(FilterConfig, apply_overrides({}, overrides))
-    return load_config(FilterConfig, path, overrides)
-
-
 @click.command("filter")
 @click.argument("docs_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -394,7 +419,7 @@ def filter_cmd(
     from pipeline.stats import format_funnel, funnel
 
     try:
-        config = load_filter_config(config_path, list(overrides))
+        config = load_config(FilterConfig, config_path, list(overrides))
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from exc
     summary = run_filter(docs_dir, out_dir, config, workers=workers, ray_address=ray_address)

@@ -2,15 +2,20 @@
 
 Three steps, each small:
 1. `decode_html`: bytes → str from the BOM, the HTTP charset, the `<meta>` charset, UTF-8, then detection.
-2. `_walk`: one iterative pre-order walk over the lexbor DOM that turns the page into flat *blocks* (a paragraph of
-   text, an image, a video), each owned by the innermost block element it sits in, and records every element's
-   parent, tag and boilerplate / content signals. Iterative, so pathological nesting cannot blow the stack.
-3. `_select_main`: a measured main-content choice. Text blocks vote for their containers (readability-style:
-   parent full score, grandparent half) weighted by length, commas and link density; the best container wins,
-   along with siblings that score well, then is widened to take the page's headline (and the lead image next to
-   it) when that costs little extra text. Boilerplate regions (nav/aside/footer, menus, share bars, cookie and
-   newsletter banners, related links, comments, by tag, role, class or id) are dropped unless they hold the
-   content. Content inside tables, lists and figures survives when it *is* the content.
+2. `_Walker.walk`: one iterative pre-order walk over the lexbor DOM that turns the page into flat *blocks* (a
+   paragraph of text, an image, a video), each owned by the innermost block element it sits in. Furniture
+   (nav/aside/footer/menu tags, navigation/banner/complementary roles, class or id words like cookie,
+   newsletter, share, related, comments, sidebar; a <header> without the h1) is skipped without walking it,
+   unless it holds half the page's text, or a fifth with few links (a "has-sidebar" wrapper around the article).
+   Iterative, so pathological nesting cannot blow the stack; a depth cap makes it a counted skip.
+3. `_select_main`: a measured main-content choice. Every element gets a balance: characters of prose (blocks of
+   >= 25 chars with few links) minus link text and half the short fragments in it; <article>/<main> get a
+   bonus. The element with the best balance is the content root, so it grows exactly while growing adds more
+   prose than noise, which keeps tables, lists and figures that *are* the content. It is widened to the
+   headline's container when that adds little text. Inside it, link lists go, and so does the frame before the
+   first and after the last body paragraph (datelines, bylines, photo credits, "read more", author boxes,
+   orphaned "Related" headings, trailing teaser thumbnails). The og:image, the page's declared lead image, is
+   kept wherever it sits.
 
 Images keep their resolved URL (RFC 3986 against `<base href>`, then the page URL), alt, title, figcaption and
 declared size; the largest `srcset` / `<picture><source>` candidate and lazy-load attributes are honoured;
@@ -113,7 +118,10 @@ def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0
         if body.startswith(bom):
             return body[len(bom) :].decode(codec, errors="replace"), codec
     meta = _META_CHARSET.search(body[:4096])
-    declared = [normalize_charset(http_charset), normalize_charset(meta.group(1).decode("ascii") if meta else None)]
+    declared = [
+        normalize_charset(http_charset),
+        normalize_charset(meta.group(1).decode("ascii") if meta else None),
+    ]
     for codec in dict.fromkeys(c for c in declared if c):
         if codec in _SINGLE_BYTE_LATIN and not body.isascii():
             # "iso-8859-1" is the default many servers send for UTF-8 pages: valid UTF-8 wins over it.
@@ -176,6 +184,8 @@ def resolve_url(base: str, url: str | None) -> str | None:
     url = url.strip()
     if not url or url.startswith(("data:", "javascript:", "about:", "blob:", "#")):
         return None
+    if url.startswith(("http://", "https://")) and "/." not in url and " " not in url:
+        return url  # already absolute and normal: skip urljoin, the hot path on image-heavy pages
     try:
         absolute = urljoin(base, url)
         scheme = urlsplit(absolute).scheme
@@ -207,30 +217,37 @@ SKIP_TAGS = frozenset(
     "button option optgroup datalist head title meta link area map audio track dialog param".split()
 )
 BOILERPLATE_TAGS = frozenset(("nav", "aside", "footer", "menu"))
+_TAGS_WITH_MEANING = BOILERPLATE_TAGS | {"header", "article", "main"}
 BOILERPLATE_ROLES = frozenset(
     ("navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar", "dialog", "alert")
 )
 # class/id values that name page furniture: whole tokens (split on -, _, space, camelCase) for short words,
 # substrings for long unambiguous ones ("fi-cookieconsent", "relatedPosts").
 _BOILERPLATE_TOKENS = frozenset(
-    """nav menu menubar submenu footer share shares comments comment respond pager ad ads adsense promo banner
-    popup modal overlay toolbar skip skiplink topbar tagcloud tags trending popular mostread moreread teaser
-    teasers jump print copyright legal""".split()
+    """nav menu menubar submenu footer share shares comments comment respond pager promo banner popup modal
+    overlay toolbar skip skiplink topbar tagcloud tags trending popular mostread moreread jump copyright
+    legal""".split()
 )
 _BOILERPLATE_SUBSTRINGS = re.compile(
     r"cookie|consent|gdpr|newsletter|sidebar|breadcrumb|navbar|navigation|social|sharing|sharebar|"
     r"share-?buttons|related|recommend|outbrain|taboola|disqus|advert|sponsor|subscri|signup|signin|login|"
-    r"masthead|pagination|widget|author-?box|comment-?list|comments-?area"
+    r"masthead|pagination|author-?box|comment-?list|comments-?area"
 )
-_CONTENT_TOKENS = frozenset("article articlebody content main post entry story hentry postbody storybody".split())
+_CONTENT_TOKENS = frozenset(
+    "article articlebody content main post entry story hentry postbody storybody".split()
+)
 _TOKEN_SPLIT = re.compile(r"[\s_\-:./]+|(?<=[a-z])(?=[A-Z])")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 _STYLE_SIZE = re.compile(r"(width|height)\s*:\s*(\d+)px", re.I)
-_JUNK_IMAGE = re.compile(
-    r"pixel|spacer|blank\.gif|transparent\.(gif|png)|clear\.gif|1x1|beacon|/track|tracking|doubleclick|"
-    r"facebook\.com/tr|google-analytics|googletagmanager|scorecardresearch|quantserve|/b/ss/|"
-    r"(^|[/_.-])(logo|logos|icon|icons|favicon|sprite|sprites|avatar|avatars|badge|emoji|emoticons?|smilies|"
-    r"button|buttons|arrow|bullet|rating|stars?|gravatar|spinner|loading|loader|placeholder|lazy)([/_.-]|\d|$)",
+_TRACKING_IMAGE = re.compile(
+    r"[/_.-](pixel|beacon|spacer|blank|transparent|clear|1x1|track|tracking)\.(gif|png)|"
+    r"/(pixel|beacon|track|tracking)([/?]|$)|doubleclick\.net|facebook\.com/tr|google-analytics\.com|"
+    r"googletagmanager|scorecardresearch|quantserve|/b/ss/",
+    re.I,
+)
+_ICON_IMAGE = re.compile(
+    r"(^|[/_.-])(logos?|icons?|favicons?|sprites?|avatars?|badges?|emojis?|emoticons?|smilies|buttons?|"
+    r"gravatar|spinner|placeholder)([/_.-]|\d|$)",
     re.I,
 )
 _JUNK_CLASS = re.compile(r"logo|icon|avatar|emoji|sprite|badge|gravatar|author-?(img|image|photo)", re.I)
@@ -273,6 +290,7 @@ class _Block:
     block: str = "paragraph"
     link_chars: int = 0
     level: int = 0  # heading level (1-6), 0 otherwise
+    linked: bool = False  # an image inside <a>: a teaser thumbnail when it trails the content
     media: dict[str, Any] = field(default_factory=dict)
 
 
@@ -292,18 +310,17 @@ def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[b
     names = f"{cls} {id_}".strip()
     tokens = _tokens(names) if names else set()
     role = role.lower()
-    boiler = (
-        tag in BOILERPLATE_TAGS
-        or role in BOILERPLATE_ROLES
-        or bool(tokens & _BOILERPLATE_TOKENS)
-        or bool(names and _BOILERPLATE_SUBSTRINGS.search(names.lower()))
-    ) and tag not in ("body", "html", "article", "main")
     hint = 0
     if tag in ("article", "main") or role == "main" or itemprop.lower() == "articlebody":
         hint = 2
     elif tokens & _CONTENT_TOKENS:
         hint = 1
-    return boiler, tag == "header" or "header" in tokens or role == "banner", hint
+    # Class names mix both ("entry share", "documentContent__sharingContainer"): a content word wins over a
+    # furniture word, but not over a furniture tag or role.
+    boiler = tag in BOILERPLATE_TAGS or role in BOILERPLATE_ROLES
+    if not boiler and not hint and names:
+        boiler = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(names.lower()))
+    return boiler and tag not in ("body", "html"), tag == "header" or role == "banner", hint
 
 
 class _Walker:
@@ -333,15 +350,28 @@ class _Walker:
     def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
         """(drop this subtree, content hint). Furniture (by tag, role, class or id; a <header> without the h1)
         is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around the article)."""
+        if not attrs and tag not in _TAGS_WITH_MEANING:
+            return False, 0  # the common case (<p>, <li>, <b>): nothing to classify
         boiler, header_like, hint = _classify(
-            tag, attrs.get("class") or "", attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
+            tag,
+            attrs.get("class") or "",
+            attrs.get("id") or "",
+            attrs.get("role") or "",
+            attrs.get("itemprop") or "",
         )
         if not self.options.main_content or hint == 2 or not (boiler or header_like):
             return False, hint
         if not boiler and node.css_first("h1") is not None:
             return False, hint
         # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
-        return _visible_len(node.text(deep=True)) < 0.5 * self.total_chars, hint
+        chars = _visible_len(node.text(deep=True))
+        if chars >= 0.5 * self.total_chars:
+            return False, hint
+        if chars >= 0.2 * self.total_chars:
+            # A big region with few links is prose mislabelled by its class name, not navigation.
+            links = sum(_visible_len(a.text(deep=True)) for a in node.css("a"))
+            return links > 0.1 * chars, hint
+        return True, hint
 
     @staticmethod
     def _hidden(attrs: dict[str, str | None]) -> bool:
@@ -371,7 +401,7 @@ class _Walker:
         self.link_chars = 0
 
     # -- media
-    def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
+    def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
         candidates: list[tuple[str, float, str]] = []
         parent = node.parent
         if parent is not None and parent.tag == "picture":
@@ -402,15 +432,22 @@ class _Walker:
                     height = int(value)
         side = self.options.min_image_side
         if (width is not None and width < side) or (height is not None and height < side):
-            self.page.image_drops["small" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
+            self.page.image_drops["icon" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
             return
-        path = urlsplit(url).path.lower()
-        if _JUNK_IMAGE.search(url) or path.endswith((".svg", ".ico")) or _JUNK_CLASS.search(attrs.get("class") or ""):
-            self.page.image_drops["icon_or_tracking"] += 1
+        if _TRACKING_IMAGE.search(url):
+            self.page.image_drops["tracking"] += 1
+            return
+        path = url.split("?", 1)[0].split("#", 1)[0].lower()
+        if (
+            _ICON_IMAGE.search(path)
+            or path.endswith((".svg", ".ico"))
+            or _JUNK_CLASS.search(attrs.get("class") or "")
+        ):
+            self.page.image_drops["icon"] += 1
             return
         self.page.blocks.append(
             _Block(
-                "image", owner, self.dom_index,
+                "image", owner, self.dom_index, linked=linked,
                 media={
                     "url": url, "alt": _clean(attrs.get("alt")), "title": _clean(attrs.get("title")),
                     "figcaption": _figcaption(node), "width": width, "height": height,
@@ -449,7 +486,8 @@ class _Walker:
             if node is None:
                 frame_node, idx, is_block, is_link, saved = stack.pop()
                 if is_block:
-                    self._flush()
+                    if self.pieces:
+                        self._flush()
                     self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
                 if is_link:
                     in_link -= 1
@@ -481,20 +519,26 @@ class _Walker:
                 node = node.next
                 continue
             if tag in ("img", "video"):
-                self._flush()
+                if self.pieces:
+                    self._flush()
                 owner = stack[-1][1] if stack else root_idx
-                (self._image if tag == "img" else self._video)(node, attrs, owner)
+                if tag == "img":
+                    self._image(node, attrs, owner, in_link > 0)
+                else:
+                    self._video(node, attrs, owner)
                 node = node.next
                 continue
             furniture, hint = self._is_furniture(node, tag, attrs)
             if furniture:
                 node = node.next
                 continue
-            idx = self._new_element(tag, stack[-1][1], hint)
             block = BLOCK_OF_TAG.get(tag)
+            # Only block elements are recorded: inline ones (a, span, b) never own text or root the content.
+            idx = stack[-1][1] if block is None and not hint else self._new_element(tag, stack[-1][1], hint)
             saved: tuple = ()
             if block is not None:
-                self._flush()
+                if self.pieces:
+                    self._flush()
                 saved = (self.block_owner, self.block_kind, self.block_level, self.block_dom)
                 # Containers (div, ul, table...) keep an enclosing specific kind (a div inside an li is a list item).
                 if block != "paragraph" or tag == "p" or self.block_kind == "paragraph":
@@ -531,7 +575,7 @@ def _figcaption(node: LexborNode) -> str | None:
 # ---------------------------------------------------------------------------------------------- main content
 
 
-def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
+def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> list[_Block]:
     n = len(page.tag)
     if not n:
         return []
@@ -593,8 +637,89 @@ def _select_main(page: _Page, options: PageOptions) -> list[_Block]:
                 keep[i] = False
         elif b.kind != "text" and density(b.owner) > 0.6 and text_len[b.owner] > 0:
             keep[i] = False  # teaser thumbnails whose captions are links
+    _trim_edges(page.blocks, keep, parent)
     _drop_orphan_headings(page.blocks, keep)
+    _keep_lead_image(page.blocks, keep, og_image)
     return [b for b, k in zip(page.blocks, keep, strict=True) if k]
+
+
+_DATELINE = re.compile(r"\b(19|20)\d\d\b|\b\d{1,2}:\d\d\b")
+_CREDIT = re.compile(
+    r"^\s*((©|\(c\)|foto|photo|bild|image|credit|quelle|source|fuente|crédit|abbildung)s?\b\s*[:/|]"
+    r"|(photo|photograph|picture|image|foto)s? (by|von|de)\b)",
+    re.I,
+)
+PROSE_CHARS = 80
+
+
+def _is_meta_line(text: str) -> bool:
+    """Datelines, "updated" stamps and photo credits: short lines that frame an article but are not its text."""
+    return len(text) < 80 and (
+        bool(_CREDIT.match(text)) or (len(text.split()) <= 8 and bool(_DATELINE.search(text)))
+    )
+
+
+def _trim_edges(blocks: list[_Block], keep: list[bool], parent: list[int]) -> None:
+    """Short text before the first and after the last prose paragraph of the article body is its frame
+    (bylines, dates, "share this", author boxes, newsletter prompts), not its text; so are trailing subheadings
+    and linked thumbnails ("Read next"). Everything between the first and last body paragraph stays.
+
+    The article body is the container holding the most prose; short lines after it in other containers
+    (author boxes, donation and newsletter prompts between the body and the last prose) go too."""
+    prose = [
+        i for i, b in enumerate(blocks)
+        if keep[i] and b.kind == "text" and not b.level and len(b.text) >= PROSE_CHARS
+    ]  # fmt: skip
+    if not prose:
+        return
+    mass: Counter = Counter()
+    for i in prose:
+        mass[parent[blocks[i].owner]] += len(blocks[i].text)
+    body = mass.most_common(1)[0][0]
+
+    def in_body(e: int) -> bool:
+        while e >= 0 and e != body:
+            e = parent[e]
+        return e == body
+
+    first, last = prose[0], prose[-1]
+    last_in_body = max(i for i in prose if in_body(blocks[i].owner))
+    for i, b in enumerate(blocks):
+        if not keep[i] or b.kind == "video":
+            continue
+        if b.kind == "image" or b.level:
+            if i > last and (b.linked or b.level > 1):
+                keep[i] = False  # "Read next" headings and teaser thumbnails after the article
+            continue
+        if b.block in ("list_item", "table_cell", "quote", "code") or (
+            b.block == "caption" and i and blocks[i - 1].kind == "image" and keep[i - 1]
+        ):
+            # Lists and tables at the edges are content (ingredients, fact boxes); so is a kept image's caption.
+            keep[i] = b.block == "table_cell" or not _is_meta_line(b.text)
+            continue
+        if i > last and len(b.text) < 2 * PROSE_CHARS:
+            keep[i] = False
+        elif i > last_in_body and len(b.text) < 0.75 * PROSE_CHARS and not in_body(b.owner):
+            keep[i] = False
+        elif (i < first and len(b.text) < PROSE_CHARS) or _is_meta_line(b.text):
+            keep[i] = False
+
+
+def _image_key(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path.rstrip("/").lower()
+
+
+def _keep_lead_image(blocks: list[_Block], keep: list[bool], og_image: str | None) -> None:
+    """The page's declared lead image (og:image) is content wherever it sits, e.g. in a hero above the article
+    container. Matched on the URL path, since pages often add resize query strings."""
+    if not og_image:
+        return
+    key = _image_key(og_image)
+    for i, b in enumerate(blocks):
+        if b.kind == "image" and _image_key(b.media["url"]) == key:
+            keep[i] = True
+            return
 
 
 def _drop_orphan_headings(blocks: list[_Block], keep: list[bool]) -> None:
@@ -648,7 +773,7 @@ def _head_info(tree: LexborHTMLParser, page_url: str) -> tuple[str, str | None, 
         attrs = meta.attributes
         key = (attrs.get("property") or attrs.get("name") or "").lower()
         if key in ("og:image", "og:image:url", "og:image:secure_url", "twitter:image", "twitter:image:src"):
-            og_image = resolve_url(base, attrs.get("content"))
+            og_image = resolve_url(base, attrs.get("content") or attrs.get("value")) or og_image
             if og_image and key.startswith("og:"):
                 break
     html = tree.css_first("html")
@@ -667,7 +792,7 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
     if body is None:
         raise PageSkip("empty", "no <body>")
     page = _Walker(base, options).walk(body)
-    blocks = _select_main(page, options)
+    blocks = _select_main(page, options, og_image)
     nodes = []
     for b in blocks:
         node: dict[str, Any] = {"kind": b.kind, "node_index": len(nodes), "dom_index": b.dom_index}
@@ -676,4 +801,8 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
         else:
             node.update(b.media)
         nodes.append(node)
+    walked = sum(b.kind == "image" for b in page.blocks)
+    kept = sum(n["kind"] == "image" for n in nodes)
+    if walked > kept:
+        page.image_drops["outside_content"] += walked - kept
     return ExtractedPage(title=title, lang=lang, og_image=og_image, nodes=nodes, image_drops=page.image_drops)

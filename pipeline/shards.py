@@ -145,7 +145,8 @@ def input_files(inputs: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
-            files.extend(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+            # Not recursive: a filter output dir also holds excluded/ and _cache/ parquet files.
+            files.extend(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
         elif path.exists():
             files.append(path)
         else:
@@ -471,6 +472,7 @@ def run_stage(
     *,
     workers: int | None,
     ray_address: str | None,
+    rate_key: str = "documents",
 ) -> dict[str, dict]:
     """Run the units (each writes one part per dataset in `plans`), then merge each dataset's parts."""
     _, tok_info = cached_tokenizer(config.tokenizer)
@@ -491,7 +493,7 @@ def run_stage(
             args["parts"] = parts
         ray_units.append(Unit(uid, args))
     summary = run_units(fn, ray_units, manifest, workers=workers, ray_address=ray_address,
-                        desc=f"shards {stage}", rate_key="documents")  # fmt: skip
+                        desc=f"shards {stage}", rate_key=rate_key)  # fmt: skip
     done = manifest.done_units(config_hash)
     unit_ids = [uid for uid, _ in units]  # already in sorted input order
     failed = [uid for uid in unit_ids if uid not in done]
@@ -527,9 +529,15 @@ def _document_units(inputs: Iterable[str | Path], store: str | Path) -> list[tup
     return [(unit_id(f), {"input": str(f), "store": str(store)}) for f in files]
 
 
+UNIT_SETTINGS = {"m3w": "windows", "pairs": "pairs", "video": "video"}
+
+
 def _hash(config: ShardsConfig, kind: str, *extra: Any) -> str:
+    """The units' config hash: only the settings their parts depend on. Shard sizes only change the merge, so
+    re-sharding with another size re-merges without re-tokenising anything."""
     _, tok_info = cached_tokenizer(config.tokenizer)
-    return stable_hash({"kind": kind, "config": to_dict(config), "tokenizer": tok_info, "extra": extra})
+    settings = to_dict(getattr(config, UNIT_SETTINGS[kind]))
+    return stable_hash({"kind": kind, "settings": settings, "tokenizer": tok_info, "extra": extra})
 
 
 def run_m3w_shards(
@@ -592,7 +600,7 @@ def run_video_shards(
     plan = DatasetPlan("video_pairs", "video_pairs", functools.partial(_read_store_blob, str(frames_dir)))
     config_hash = _hash(config, "video")
     return run_stage("video", video_unit, units, [plan], out, config, config_hash,
-                     workers=workers, ray_address=ray_address)["video_pairs"]  # fmt: skip
+                     workers=workers, ray_address=ray_address, rate_key="videos")["video_pairs"]  # fmt: skip
 
 
 def _read_store_blob(store_root: str, blob: str) -> bytes:
@@ -624,13 +632,21 @@ def _load(config_path: str | None, overrides: tuple[str, ...], tokenizer: str | 
     return config
 
 
-def _report(result: dict) -> None:
-    totals = result["totals"]
-    click.echo(
-        f"{result['dataset']}: {totals['samples']} samples, {totals['tokens']} tokens, {totals['images']} "
-        f"media files in {totals['shards']} shards ({totals['bytes'] / 1e6:.1f} MB)"
-        + (f"; {len(result['failed_units'])} failed units" if result["failed_units"] else "")
-    )
+def _report(*results: dict) -> None:
+    """One line per dataset; failed units are listed and make the exit status 1 (their shards are written
+    without them; a re-run retries them)."""
+    failed = {}
+    for result in results:
+        totals = result["totals"]
+        click.echo(
+            f"{result['dataset']}: {totals['samples']} samples, {totals['tokens']} tokens, {totals['images']} "
+            f"media files in {totals['shards']} shards ({totals['bytes'] / 1e6:.1f} MB)"
+        )
+        failed.update(result["unit_failures"])
+    for unit, error in failed.items():
+        click.echo(f"failed unit {unit}: {error.splitlines()[0]}", err=True)
+    if failed:
+        raise SystemExit(1)
 
 
 @click.group("shards")
@@ -656,10 +672,7 @@ def m3w_cmd(inputs, store, name, config_path, overrides, tokenizer, workers, ray
 def pairs_cmd(inputs, store, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
     """Filtered documents → alt-text pairs (OUT/alt_pairs/) and caption pairs (OUT/caption_pairs/)."""
     config = _load(config_path, overrides, tokenizer)
-    for result in run_pair_shards(
-        inputs, store, out, config, workers=workers, ray_address=ray_address
-    ).values():
-        _report(result)
+    _report(*run_pair_shards(inputs, store, out, config, workers=workers, ray_address=ray_address).values())
 
 
 @shards_group.command("video")
@@ -669,5 +682,9 @@ def pairs_cmd(inputs, store, config_path, overrides, tokenizer, workers, ray_add
 def video_cmd(table, allow_private, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
     """A CSV/JSONL table of (video URL or path, caption) → video-text pair shards in OUT/video_pairs/."""
     config = _load(config_path, overrides, tokenizer)
-    _report(run_video_shards(table, out, config, allow_private=allow_private, workers=workers,
-                             ray_address=ray_address))  # fmt: skip
+    try:
+        result = run_video_shards(table, out, config, allow_private=allow_private, workers=workers,
+                                  ray_address=ray_address)  # fmt: skip
+    except ValueError as exc:  # a malformed table: say which row, no traceback
+        raise click.UsageError(str(exc)) from exc
+    _report(result)

@@ -132,9 +132,9 @@ def plot_funnel(rows: list[dict[str, Any]], path: str | Path) -> Path:
             color=["#4c72b0" if r["step"] not in ("input", "output") else "#dd8452" for r in rows],
         )
         ax.set_title(measure)
-        ax.invert_yaxis()
         ax.ticklabel_format(axis="x", style="plain")
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()  # the axes share y: inverting each would cancel out; input on top
     fig.suptitle("m3w funnel: what remains after each step")
     fig.tight_layout()
     path = Path(path)

@@ -91,7 +91,6 @@ def train_tokenizer(
         additional_special_tokens=[MEDIA_TOKEN, EOC_TOKEN],
         # Lossless decoding: never "clean up" spaces before punctuation, or decode(ids) != window text.
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
     )
     fast.save_pretrained(str(out_dir))
     return fast

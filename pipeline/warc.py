@@ -79,7 +79,7 @@ def _expand_glob(pattern: str) -> list[str]:
     if is_remote(pattern):
         import fsspec
 
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        _, _, paths = fsspec.get_fs_token_paths(pattern)
         protocol = pattern.split("://", 1)[0]
         return sorted(f"{protocol}://{p}" for p in paths)
     return sorted(glob.glob(os.path.expanduser(pattern)))
@@ -141,13 +141,12 @@ def _gunzip_bounded(data: bytes, limit: int) -> bytes:
     return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, limit + 1)
 
 
-def iter_html_records(
-    stream: IO[bytes], counts: dict[str, int], max_body_bytes: int
-) -> Iterator[HtmlRecord]:
+def iter_html_records(stream: IO[bytes], counts: dict[str, int], max_body_bytes: int) -> Iterator[HtmlRecord]:
     """Yield the HTML response records of a WARC stream, counting what is skipped into `counts`.
 
     Counts: `records`, `responses`, `html` (HTML responses of any status), `skip.http_status`, `skip.not_html`,
-    `skip.read_error` (truncated/garbled WARC: reading stops there, everything before it is kept).
+    `skip.truncated` (a record cut short), `skip.read_error` (garbled WARC: reading stops there, everything
+    before it is kept).
     """
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
@@ -163,11 +162,19 @@ def iter_html_records(
                 pending.length = record.stream_pos - pending.offset
                 yield pending
                 pending = None
+            if record.headers.get("Content-Length") is None:
+                bump(
+                    "skip.truncated"
+                )  # Content-Length is mandatory: the WARC ends inside this record's header
+                continue
             if record.record_type != WarcRecordType.response or not record.is_http:
                 continue
             bump("responses")
             body = record.reader.read(max_body_bytes + 1)
             headers = record.http_headers
+            if len(body) < min(record.content_length, max_body_bytes + 1):
+                bump("skip.truncated")  # the WARC ends inside this record
+                continue
             if not _is_html(record.http_content_type, body[:1024]):
                 bump("skip.not_html")
                 continue
@@ -211,4 +218,3 @@ def warc_size(path: str) -> int | None:
         return os.path.getsize(path.removeprefix("file://"))
     except OSError:
         return None
-

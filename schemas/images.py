@@ -1,7 +1,8 @@
 """The `images/` store: a content-addressed image store keyed by URL.
 
 Layout of a store directory:
-    index/*.parquet        one row per URL ever attempted (IMAGE_INDEX_SCHEMA); later files win for a URL
+    index/*.parquet        one row per URL attempt (IMAGE_INDEX_SCHEMA); per URL the row with the most attempts
+                           wins (ties: the later file). pipeline.imagestore.ImageStore merges them
     blobs/ab/<sha256>.jpg  resized image bytes, named by the sha256 of the *resized* JPEG bytes
     _manifest.jsonl        the stage manifest (schemas.manifest)
 
@@ -29,6 +30,8 @@ STATUSES = (
     "bad_url",
 )
 # Statuses that may be transient: retried (bounded) on the next run. Every other status is final.
+# "http_error_5xx" stands for http_error with a 5xx or 429 status, or none (connection refused/reset);
+# pipeline.imagestore.is_final applies this rule.
 RETRYABLE_STATUSES = ("timeout", "http_error_5xx")
 
 IMAGE_INDEX_SCHEMA = pa.schema(

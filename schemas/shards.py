@@ -29,3 +29,6 @@ SAMPLE_JSON_FIELDS = (
     "tokenizer",  # {"name": str, "fingerprint": str}
     "provenance",  # {"doc_id", "url", "warc_path", "warc_record_id", "warc_offset", "node_indices", "window_index"}
 )
+# Extra provenance keys per dataset (additive): m3w "token_start" (window offset in the document's token
+# sequence); alt/caption pairs "image_url"; video pairs "table_row", "frame_times", "distinct_frames",
+# "fill" ("none" | "loop" | "pad": how a clip shorter than T/fps seconds was filled), "duration".

@@ -164,3 +164,14 @@ def cc_crawl(tmp_path_factory, webcorpus, serve_dir) -> tuple[str, str, int]:
     with gzip.open(root / "crawl-data" / crawl_id / "warc.paths.gz", "wt") as f:
         f.write("\n".join(rel_paths) + "\n")
     return serve_dir(root), crawl_id, len(rel_paths)
+
+
+@pytest.fixture(scope="session")
+def webcorpus_documents(tmp_path_factory, webcorpus, ray_address) -> Path:
+    """Every webcorpus WARC through `run_extract`, once per session: the documents/ the filter tests read."""
+    from pipeline.extract import run_extract
+
+    out = tmp_path_factory.mktemp("webcorpus_documents")
+    summary = run_extract(sorted(str(p) for p in (webcorpus / "warc").glob("*.warc.gz")), out, ray_address=ray_address)
+    assert summary.failed == 0, summary.failures
+    return out

@@ -22,7 +22,7 @@ WARCS = ("postlight_parser.warc.gz", "cleaneval_dev.warc.gz")
 @dataclass
 class Corpus:
     documents: Path  # extract output
-    filtered: Path  # filter output, image URLs rewritten to the loopback server
+    filtered: Path  # filter output (kept documents), image URLs rewritten to the loopback server
     store: Path  # image store written by `m3w images`
 
 
@@ -77,14 +77,16 @@ def rewrite_image_urls(src_dir: Path, dst_dir: Path, base_url: str) -> None:
 
 def build_corpus(root: Path, webcorpus: Path, start_http_server) -> Corpus:
     from pipeline.extract import run_extract
+    from pipeline.filter import run_filter
     from pipeline.images import run_images
 
     documents = root / "documents"
     run_extract([str(webcorpus / "warc" / name) for name in WARCS], documents)
+    run_filter(documents, root / "filter_out")
     base_url, server = start_http_server(root, image_handler(photo_jpegs(webcorpus)))
     try:
         filtered = root / "filtered"
-        rewrite_image_urls(documents, filtered, base_url)
+        rewrite_image_urls(root / "filter_out", filtered, base_url)
         store = root / "images"
         run_images([filtered], store, allow_private=True)
     finally:

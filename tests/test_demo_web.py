@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from PIL import Image
 
@@ -47,9 +48,10 @@ def test_same_arguments_give_identical_bytes(web, tmp_path, webcorpus):
     assert files_of(out) == files_of(tmp_path)
     other = tmp_path / "other-seed"
     build_web(other, BASE, pages=60, seed=4, webcorpus=webcorpus)
-    assert files_of(out / "site")["crawl-data/" + CRAWL + "/warc.paths.gz"] == (
-        other / "site/crawl-data" / CRAWL / "warc.paths.gz"
-    ).read_bytes()
+    assert (
+        files_of(out / "site")["crawl-data/" + CRAWL + "/warc.paths.gz"]
+        == (other / "site/crawl-data" / CRAWL / "warc.paths.gz").read_bytes()
+    )
     assert files_of(out / "site") != files_of(other / "site")
 
 
@@ -60,7 +62,9 @@ def test_common_crawl_layout_one_record_per_gzip_member(web):
     assert listed == summary["warcs"] and len(listed) == 4
     responses = []
     for rel in listed:
-        assert re.fullmatch(rf"crawl-data/{CRAWL}/segments/[\d.]+/warc/CC-MAIN-\d+-\d+-\d{{5}}\.warc\.gz", rel)
+        assert re.fullmatch(
+            rf"crawl-data/{CRAWL}/segments/[\d.]+/warc/CC-MAIN-\d+-\d+-\d{{5}}\.warc\.gz", rel
+        )
         data = (site / rel).read_bytes()
         members = gzip_members(data)
         types = []
@@ -154,3 +158,27 @@ def test_eval_sets_in_public_formats(web):
     # Held out: no eval picture is one of the web's pictures.
     web_images = {p.read_bytes() for p in (out / "site" / "img" / "shapes").glob("*.png")}
     assert not web_images & {p.read_bytes() for p in (root / "captioning").rglob("*.png")}
+
+
+def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from demo.lm import document_texts, pretrain_lm
+    from schemas.documents import DOCUMENT_SCHEMA
+
+    text = "The picture shows three red circles on the left. The shapes are red."
+    node = {"kind": "text", "node_index": 0, "text": text, "block": "paragraph"}
+    image = {"kind": "image", "node_index": 1, "url": "http://127.0.0.1/x.png"}
+    rows = [{"doc_id": str(i), "url": f"http://127.0.0.1/{i}", "nodes": [node, image]} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA), tmp_path / "unit.parquet")
+    (tmp_path / "excluded").mkdir()  # the filter's other outputs sit in subdirectories and are not read
+    pq.write_table(pa.table({"doc_id": ["x"]}), tmp_path / "excluded" / "unit.parquet")
+    assert document_texts(tmp_path) == [text] * 4
+    lm_dir = pretrain_lm(tmp_path, tmp_path / "lm-out", steps=30, seq_len=16, batch=4, lr=1e-2)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    from pipeline.tokenizer import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer()(text, add_special_tokens=False)["input_ids"]])
+    assert lm(input_ids=ids, labels=ids).loss.item() < 2.0  # it learned the text (random init: ~9)

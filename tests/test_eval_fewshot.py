@@ -185,7 +185,9 @@ def test_vqa_loader_finds_coco_style_image_names(tmp_path):
         json.dumps({"questions": [{"image_id": 42, "question": "Why?", "question_id": 420}]})
     )
     (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(
-        json.dumps({"annotations": [{"question_id": 420, "image_id": 42, "answers": [{"answer": "because"}] * 10}]})
+        json.dumps(
+            {"annotations": [{"question_id": 420, "image_id": 42, "answers": [{"answer": "because"}] * 10}]}
+        )
     )
     data = load_vqa(tmp_path, images=tmp_path / "val2014")
     assert data.examples[0].image.name == "COCO_val2014_000000000042.jpg"

@@ -3,10 +3,17 @@ address checks (including DNS rebinding, with a resolver that changes its answer
 
 from __future__ import annotations
 
+import functools
+import http.server
+import shutil
 import socket
+import ssl
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
+import urllib3
 from conftest import Route
 
 from pipeline.fetch import FetchConfig, SafeFetcher, address_refusal, safe_fetch
@@ -15,7 +22,9 @@ PHOTO = Path(__file__).resolve().parents[2] / "shared" / "webcorpus" / "photos" 
 
 
 def loopback(**kwargs) -> FetchConfig:
-    return FetchConfig(allow_private=True, connect_timeout=1.0, read_timeout=0.5, total_timeout=5.0, **kwargs)
+    return FetchConfig(
+        allow_private=True, connect_timeout=2.0, read_timeout=1.0, total_timeout=10.0, **kwargs
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,7 +74,7 @@ def test_http_statuses_timeouts_and_caps(serve_routes) -> None:
     base, hits = serve_routes(
         {
             "/500": Route(b"oops", 500),
-            "/slow": Route(b"late", delay=2.0),
+            "/slow": Route(b"late", delay=3.0),
             "/big": Route(big),
             "/big-unsized": Route(big, send_length=False),
             "/small-unsized": Route(b"x" * 100, send_length=False),
@@ -147,7 +156,7 @@ def test_robots_txt_is_optional_and_cached(serve_routes) -> None:
         for _ in range(3):
             assert fetcher.fetch(f"{base}/private/a.jpg").status == "opted_out"
             assert fetcher.fetch(f"{base}/pub/b.jpg").content == b"b"
-    assert hits["/robots.txt"] == 1
+    assert hits["/robots.txt"] == 1 and hits["/private/a.jpg"] == 0  # asked before requesting the image
     assert safe_fetch(f"{base}/private/a.jpg", loopback()).ok  # off by default
 
 
@@ -186,3 +195,82 @@ def test_dns_rebinding_cannot_reach_loopback(serve_routes, monkeypatch) -> None:
     )
     assert safe_fetch(f"http://mixed.test:{port}/secret").status == "blocked_address"
     assert hits["/secret"] == 0
+
+
+def _make_tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf certificate for DNS:localhost signed by it (openssl CLI)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=m3w test CA")  # fmt: skip
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "leaf.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return tmp_path / "ca.pem", tmp_path / "leaf.pem", tmp_path / "leaf.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_https_connects_to_the_vetted_ip_and_verifies_the_real_host(tmp_path) -> None:
+    """TLS goes to the pinned IP literal, yet SNI and certificate checks use the URL's host name."""
+    ca, cert, key = _make_tls_files(tmp_path)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.jpg").write_bytes(PHOTO.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        trusted = loopback(ca_certs=str(ca))
+        result = safe_fetch(f"https://localhost:{port}/a.jpg", trusted)
+        assert result.ok and result.content == PHOTO.read_bytes(), result
+        wrong_name = safe_fetch(f"https://127.0.0.1:{port}/a.jpg", trusted)  # the cert names localhost only
+        assert wrong_name.status == "http_error" and "doesn't match 'localhost'" in wrong_name.error, (
+            wrong_name
+        )
+        untrusted = safe_fetch(f"https://localhost:{port}/a.jpg", loopback())  # system CAs: not our test CA
+        assert untrusted.status == "http_error" and "CERTIFICATE_VERIFY_FAILED" in untrusted.error
+        with pytest.warns(urllib3.exceptions.InsecureRequestWarning):  # an explicit, loud opt-out
+            assert safe_fetch(f"https://localhost:{port}/a.jpg", loopback(verify_tls=False)).ok
+        assert (
+            safe_fetch(f"https://localhost:{port}/a.jpg", FetchConfig(ca_certs=str(ca))).status
+            == "blocked_address"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1/a", "http://127.0.0.1:99999/", "http:///x", "//host/x", "javascript:alert(1)", "",
+     "http://bücher.invalid/a.jpg", "http://xn--.invalid/", "http://" + "a" * 70 + ".invalid/"],
+)  # fmt: skip
+def test_malformed_urls_end_as_bad_url_without_raising(url: str) -> None:
+    result = safe_fetch(url)
+    assert result.status == "bad_url" and result.error, result
+
+
+def test_numeric_host_spellings_are_vetted(serve_routes) -> None:
+    base, hits = serve_routes({"/x": Route(b"x")})
+    port = base.rsplit(":", 1)[1]
+    for host in ("2130706433", "0x7f.1", "127.1", "[::ffff:127.0.0.1]"):  # all spell 127.0.0.1
+        assert safe_fetch(f"http://{host}:{port}/x").status == "blocked_address", host
+    assert hits["/x"] == 0

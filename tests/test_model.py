@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +102,10 @@ def test_text_only_batch(tiny):
             out.logits[..., : tiny.new_tokens.lm_vocab], bare_lm_logits(tiny, ids, mask), atol=1e-5
         )
     assert torch.isfinite(out.loss)
+    # a batch whose media slots are all padding is a text-only batch
+    with torch.no_grad():
+        padded = tiny(ids, mask, images_for(1, 2), torch.zeros(1, 2, dtype=torch.bool)).logits
+    assert torch.equal(padded, out.logits)
     stray, stray_mask = encode(tiny, ["text with <image> but no image"])
     with pytest.raises(ValueError, match="<image> tokens"):
         tiny(stray, stray_mask)
@@ -376,6 +383,21 @@ def test_incremental_generation_equals_full_forward(opened):
     assert torch.allclose(out.scores, logprobs.sum(1), atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gpt_neox"])
+def test_incremental_generation_other_families(family, tmp_path):
+    model = Flamingo.from_config(build_preset("tiny", tmp_path, family=family)).eval()
+    set_gates(model)
+    ids, mask, images, media_mask = prompts(model)
+    out = model.generate(ids, mask, images, media_mask, max_new_tokens=4, eos_token_id=None)
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = model(out.sequences, full_mask, images, media_mask).logits
+    for step, logits in enumerate(out.step_logits):
+        assert torch.allclose(logits, full[:, ids.shape[1] - 1 + step], atol=1e-4), f"{family} step {step}"
+    beams = model.generate(ids, mask, images, media_mask, max_new_tokens=3, num_beams=2, eos_token_id=None)
+    assert beams.sequences.shape == (2, ids.shape[1] + 3)
+
+
 def test_generation_encodes_media_once_and_caches_visual_kv(opened):
     calls = {"vision": 0, "to_kv": 0}
     opened.vision.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1))
@@ -470,3 +492,27 @@ def test_cli_info_prints_parameter_counts(tiny):
     assert compact.exit_code == 0, compact.output
     assert "gated layers: [0, 4, 8, 12, 16, 20, 24, 28]" in compact.output
     assert CliRunner().invoke(main, ["model", "info", "--preset", "nope"]).exit_code != 0
+
+
+def test_bench_script_reports_step_time():
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        "--preset",
+        "tiny",
+        "--batch",
+        "1",
+        "--tokens",
+        "32",
+        "--images",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "model_step.py"), *args, "--no-openflamingo"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"step_ms=\d+\.\d tokens_per_s=\d+", last), result.stdout

@@ -15,11 +15,12 @@ from pipeline.imagestore import ImageStore
 from pipeline.shards import ShardsConfig, run_m3w_shards
 from pipeline.tario import iter_tar_samples
 from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from pipeline.windows import decode
+from pipeline.windows import WindowConfig, decode
 from schemas import shards as spec
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ShardsConfig(shard_max_samples=8)  # several shards from a small corpus
+# Several shards from a small corpus; two random windows per document (paper: one) for more samples.
+CONFIG = ShardsConfig(shard_max_samples=8, windows=WindowConfig(windows_per_doc=2))
 
 
 def tar_samples(shard_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
@@ -121,7 +122,7 @@ def test_one_and_two_workers_give_byte_identical_shards(m3w_out, shards_corpus, 
     cmd = [sys.executable, "-m", "pipeline.cli", "shards", "m3w", str(shards_corpus.filtered),
            "--images", str(shards_corpus.store), "--out", str(out), "--workers", "2",
            "--ray-address", ray_address, "--config", str(ROOT / "configs" / "shards.yaml"),
-           "--set", f"shard_max_samples={CONFIG.shard_max_samples}"]  # fmt: skip
+           "--set", f"shard_max_samples={CONFIG.shard_max_samples}", "--set", "windows.windows_per_doc=2"]  # fmt: skip
     result = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}
     )
@@ -195,3 +196,44 @@ def test_shard_size_in_bytes_and_seed_change(shards_corpus, m3w_out, tmp_path, r
     before = {json.loads(f["json"])["provenance"]["token_start"] for _, f in tar_samples(m3w_out)}
     after = {json.loads(f["json"])["provenance"]["token_start"] for _, f in tar_samples(tmp_path / "m3w")}
     assert before != after
+
+
+def test_any_tokenizer_is_recorded_in_samples_and_manifest(shards_corpus, tmp_path, ray_address):
+    from pipeline.tokenizer_cli import train_tokenizer
+
+    texts = [n["text"] for p in sorted(shards_corpus.filtered.glob("*.parquet"))
+             for d in pq.read_table(p).to_pylist() for n in d["nodes"] if n["kind"] == "text"]  # fmt: skip
+    train_tokenizer(texts, tmp_path / "tok", vocab_size=700)
+    other = load_tokenizer(str(tmp_path / "tok"))
+    config = ShardsConfig(tokenizer=str(tmp_path / "tok"))
+    result = run_m3w_shards([shards_corpus.filtered], shards_corpus.store, tmp_path / "out", config,
+                            ray_address=ray_address)  # fmt: skip
+    expected = {"name": str(tmp_path / "tok"), "fingerprint": tokenizer_fingerprint(other)}
+    assert (
+        result["tokenizer"]
+        == expected
+        != {"name": "m3w-default", "fingerprint": tokenizer_fingerprint(load_tokenizer())}
+    )
+    samples = tar_samples(tmp_path / "out" / "m3w")
+    assert samples
+    for _, files in samples:
+        sample = json.loads(files["json"])
+        assert sample["tokenizer"] == expected
+        assert decode(other, sample["input_ids"]) == sample["text"]
+        assert sample["input_ids"].count(other.convert_tokens_to_ids(MEDIA_TOKEN)) == len(sample["images"])
+
+
+def test_resharding_with_another_size_only_re_merges(m3w_out, shards_corpus, tmp_path, ray_address):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(m3w_out.parent, out)
+    manifest_before = (out / "m3w" / "_manifest.jsonl").read_text()
+    config = ShardsConfig(shard_max_samples=3, windows=WindowConfig(windows_per_doc=2))
+    result = run_m3w_shards(
+        [shards_corpus.filtered], shards_corpus.store, out, config, ray_address=ray_address
+    )
+    assert (out / "m3w" / "_manifest.jsonl").read_text() == manifest_before  # no unit ran again
+    assert all(s["samples"] <= 3 for s in result["shards"])
+    assert len(result["shards"]) == len(list((out / "m3w").glob("*.tar")))  # old shard files replaced
+    assert [(k, f) for k, f in tar_samples(out / "m3w")] == tar_samples(m3w_out)

@@ -109,3 +109,18 @@ def test_imageless_windows_are_skipped_unless_configured(tok):
     assert counts["skip.window_without_image"] == len(range(0, len(seq.ids), 256)) - 1
     config.skip_imageless = False
     assert len(list(make_windows("doc", seq, tok, config, Counter()))) == len(range(0, len(seq.ids), 256))
+
+
+def test_image_aware_start_always_catches_an_image(tok):
+    nodes, keys = long_document(n_images=2, words_between=1500)  # images far apart in a long document
+    seq = document_sequence(nodes, keys, tok, Counter())
+    uniform_hits, image_hits = 0, 0
+    for seed in range(30):
+        uniform = list(make_windows("doc", seq, tok, WindowConfig(seed=seed), Counter()))
+        aware = list(make_windows("doc", seq, tok, WindowConfig(seed=seed, start="image"), Counter()))
+        uniform_hits += len(uniform)
+        image_hits += len(aware)
+        assert all(len(w.ids) <= 256 for w in aware)
+    assert image_hits == 30 and uniform_hits < 15
+    with pytest.raises(ValueError, match="windows.start"):
+        window_starts("doc", 5000, WindowConfig(start="middle"), [100])

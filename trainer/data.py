@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -450,12 +449,3 @@ def build_streams(
         spec_ = StreamSpec(name, shard_set, cfg, pre, seed, rank, world_size)
         streams[name] = DatasetStream(spec_, device or torch.device("cpu"), (states or {}).get(name))
     return streams
-
-
-def epoch_steps(stream: DatasetStream) -> float:
-    """Optimizer steps per epoch of this stream's shard set at its batch size (for logs and schedules)."""
-    return (
-        stream.epoch_size / max(1, stream.cfg.batch_size * stream.world_size)
-        if stream.epoch_size
-        else math.inf
-    )

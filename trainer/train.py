@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -93,13 +92,13 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 # Model, optimizer, schedule
 
 
-def resolve_model_config(cfg: TrainConfig, env: DistEnv):
+def resolve_model_config(cfg: TrainConfig, env: DistEnv, fresh: bool):
     """The run's FlamingoConfig: saved in the run directory on first start, so a resume rebuilds the same model
     (a preset writes random-init frozen parts; rebuilding them would change the frozen weights)."""
     from model import FlamingoConfig, build_preset
 
     saved = Path(cfg.output_dir) / MODEL_CONFIG_FILE
-    if not saved.exists() and env.is_main:
+    if (fresh or not saved.exists()) and env.is_main:
         section = cfg.model
         if section.preset:
             workdir = str(Path(cfg.output_dir) / "preset")
@@ -116,14 +115,14 @@ def resolve_model_config(cfg: TrainConfig, env: DistEnv):
         return from_dict(FlamingoConfig, yaml.safe_load(f))
 
 
-def build_model(cfg: TrainConfig, env: DistEnv) -> nn.Module:
+def build_model(cfg: TrainConfig, env: DistEnv, fresh: bool) -> nn.Module:
     from model import Flamingo
 
     torch.manual_seed(cfg.seed)  # the same trainable init on every rank
     if cfg.model.pretrained:
         model = Flamingo.from_pretrained(cfg.model.pretrained)
     else:
-        model = Flamingo.from_config(resolve_model_config(cfg, env))
+        model = Flamingo.from_config(resolve_model_config(cfg, env, fresh))
     return model.to(env.device)
 
 
@@ -149,7 +148,7 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
     opt = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=False
+        param_groups(unwrap(model), opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=False
     )
 
     def schedule(step: int) -> float:
@@ -159,22 +158,56 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
-    """DDP or FSDP under torchrun; the model itself otherwise."""
+    """DDP, or FSDP (per-parameter sharding, `fully_shard`) under torchrun; the model itself otherwise.
+
+    FSDP shards every HF decoder / encoder layer (the classes each HF model lists in `_no_split_modules`), then
+    the rest; frozen and trainable parameters may share a unit. It modifies the model in place."""
     if not env.distributed:
         return model
     if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=1_000_000)
-        return FSDP(
-            model,
-            auto_wrap_policy=policy,
-            use_orig_params=True,  # frozen and trainable parameters share wrapped units
-            device_id=env.device if env.device.type == "cuda" else None,
-        )
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        layer_names = set()
+        for part in model.modules():
+            layer_names.update(getattr(part, "_no_split_modules", None) or [])
+        for part in list(model.modules()):
+            if type(part).__name__ in layer_names:
+                fully_shard(part, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally, without the all-reduce (DDP) / reduce-scatter (FSDP)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """tanh(α) of every gate; under FSDP the gates are sharded tensors, gathered here."""
+    inner = unwrap(model)
+    if not is_fsdp(inner):
+        return inner.gate_values()
+    return {
+        name: float(torch.tanh(p.full_tensor()).item())
+        for name, p in inner.trainable_parameters()
+        if "gate" in name
+    }
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -213,7 +246,7 @@ def accumulate_gradients(
     tokens, samples, nonfinite = Counter(), Counter(), Counter()
     for index, (name, weight, batch) in enumerate(micro_batches):
         last = index == num_micro - 1
-        sync = contextlib.nullcontext() if last or not env.distributed else model.no_sync()
+        sync = contextlib.nullcontext() if last or not env.distributed else no_sync(model)
         n_local = label_tokens(batch).float()
         n_global = n_local.clone()
         if env.distributed:
@@ -253,46 +286,49 @@ def accumulate_gradients(
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global L2 norm of all trainable gradients (over every shard under FSDP); returns the norm."""
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over all shards
-        return float(model.clip_grad_norm_(max_norm))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # State: checkpoints and resume
 
 
-def trainable_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Trainable weights by name, gathered to full tensors on CPU (FSDP shards them)."""
-    inner = unwrap(model)
-    if cfg.distributed == "fsdp" and dist.is_initialized():
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        names = {n for n, _ in inner.trainable_parameters()}
-        with FSDP.state_dict_type(
-            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True)
-        ):
-            full = model.state_dict()
-        return {n: t for n, t in full.items() if n in names}
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights by name, as full tensors on CPU (gathered from the shards under FSDP)."""
+    inner = unwrap(model)
+    names = [n for n, _ in inner.trainable_parameters()]
+    if is_fsdp(inner):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(inner, options=_full_state_options())
+        return {n: full[n] for n in names if n in full}  # full on rank 0 only (cpu_offload), empty elsewhere
     return {n: p.detach().cpu().clone() for n, p in inner.trainable_parameters()}
 
 
-def optimizer_state(model: nn.Module, optimizer, cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.distributed == "fsdp" and dist.is_initialized():
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
+    if is_fsdp(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return FSDP.optim_state_dict(model, optimizer)
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=_full_state_options())
     return optimizer.state_dict()
 
 
-def load_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any], cfg: TrainConfig) -> None:
-    if cfg.distributed == "fsdp" and dist.is_initialized():
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def load_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    if is_fsdp(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        state = FSDP.optim_state_dict_to_load(model, optimizer, state)
-    optimizer.load_state_dict(state)
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=_full_state_options())
+    else:
+        optimizer.load_state_dict(state)
 
 
 def gather_stream_states(streams: dict[str, DatasetStream], env: DistEnv) -> list[dict[str, Any]]:
@@ -402,8 +438,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if env.is_main:
                 print(f"resuming from {path} (step {state['step']})", file=sys.stderr)
 
+    if state is None and ckpt.latest_checkpoint(out) is not None:
+        raise FileExistsError(
+            f"{out} already holds checkpoints of another run: pass --resume to continue it, or use a new output_dir"
+        )
     seed_everything(cfg.seed)
-    model = build_model(cfg, env)
+    model = build_model(cfg, env, fresh=state is None)
     if state is not None:
         missing = set(dict(model.trainable_parameters())) - set(state["trainable"])
         if missing:
@@ -411,7 +451,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         with torch.no_grad():
             for name, p in model.trainable_parameters():
                 p.copy_(state["trainable"][name].to(p.device, p.dtype))
-    gates = model.gate_values
     tok = model.tokenizer
     streams = build_streams(
         cfg.datasets,
@@ -425,11 +464,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         device=env.device,
         states=state["streams"][env.rank] if state else None,
     )
-    optimizer, scheduler = build_optimizer(model, cfg)
     model = wrap_model(model, cfg, env)
+    optimizer, scheduler = build_optimizer(model, cfg)  # after wrapping: FSDP replaces parameters by shards
     start = 0
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"], cfg)
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"][env.rank] if len(state["rng"]) > env.rank else state["rng"][0])
         start = state["step"]
@@ -470,7 +509,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            record = step_record(done, stats, weights, lr, grad_norm, window, env, streams, gates(), counters)
+            record = step_record(
+                done, stats, weights, lr, grad_norm, window, env, streams, gate_values(model), counters
+            )
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss/total']:.4f}", refresh=False)
             if env.is_main:
@@ -480,10 +521,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             save_state(model, optimizer, scheduler, streams, counters, cfg, env, done)
     bar.close()
     logger.close()
-    if env.is_main:
-        unwrap_final = unwrap(model)
-        if cfg.distributed != "fsdp" or not env.distributed:
-            unwrap_final.save_pretrained(str(out / "final"))
+    save_final(model, out / "final", env)
     if env.distributed:
         dist.barrier()
     return record
@@ -492,8 +530,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 def save_state(
     model, optimizer, scheduler, streams, counters, cfg: TrainConfig, env: DistEnv, step: int
 ) -> None:
-    trainable = trainable_state(model, cfg)
-    optim_state = optimizer_state(model, optimizer, cfg)
+    trainable = trainable_state(model)
+    optim_state = optimizer_state(model, optimizer)
     stream_states = gather_stream_states(streams, env)
     rng = [ckpt.rng_state()]
     if env.distributed:
@@ -513,6 +551,22 @@ def save_state(
         tqdm.write(f"saved checkpoint {path}", file=sys.stdout)
     if env.distributed:
         dist.barrier()
+
+
+def save_final(model: nn.Module, directory: Path, env: DistEnv) -> None:
+    """`Flamingo.save_pretrained` of the trained model (for `m3w eval`); under FSDP, from gathered weights."""
+    inner = unwrap(model)
+    if not is_fsdp(inner):
+        if env.is_main:
+            inner.save_pretrained(str(directory))
+        return
+    from model import Flamingo
+
+    weights = trainable_state(model)  # a collective: every rank takes part
+    if env.is_main:
+        plain = Flamingo.from_config(inner.config)
+        plain.load_state_dict(weights, strict=False)
+        plain.save_pretrained(str(directory))
 
 
 def step_record(step, stats, weights, lr, grad_norm, window, env, streams, gates, counters) -> dict[str, Any]:

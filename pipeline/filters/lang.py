@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import re
 
-# langid's score saturates long before this; capping keeps long pages cheap (~1 ms each).
-MAX_LANGID_CHARS = 4_000
+# langid's score saturates long before this; capping keeps long pages cheap (< 1 ms each).
+MAX_LANGID_CHARS = 2_000
 _LETTER_RE = re.compile(r"[^\W\d_]")
 
 

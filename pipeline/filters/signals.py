@@ -15,46 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasketch import MinHash
 
 from pipeline.filters.config import FilterConfig
 from pipeline.filters.lang import identify
 from pipeline.filters.text import MAX_STATS_CHARS, TextStats, text_stats, words
 from schemas.documents import NODE_IMAGE, NODE_TEXT
-
-SIGNALS_VERSION = "m3w.filter-signals/1"
-
-NODE_STATS_TYPE = pa.struct(
-    [
-        pa.field("node_index", pa.int32()),
-        pa.field("hash", pa.int64()),  # normalised paragraph text, for per-domain paragraph dedup
-        pa.field("chars", pa.int64()),
-        pa.field("words", pa.int64()),
-        pa.field("char_repetition", pa.float32()),
-        pa.field("word_repetition", pa.float32()),
-        pa.field("special_chars", pa.float32()),
-        pa.field("stopwords", pa.float32()),
-        pa.field("flagged_words", pa.float32()),
-    ]
-)
-
-SIGNALS_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.string()),
-        pa.field("url_key", pa.string()),  # normalised page URL
-        pa.field("domain", pa.string()),
-        pa.field("fetch_date", pa.string()),
-        pa.field("lang", pa.string()),  # of the whole extracted text: picks the word lists
-        pa.field("lang_score", pa.float32()),
-        pa.field("text_hash", pa.int64()),  # null when the document has no text
-        pa.field("image_set_hash", pa.int64()),  # null when the document has no image
-        pa.field("image_urls", pa.list_(pa.string())),  # distinct, sorted
-        pa.field("bands", pa.list_(pa.int64())),  # MinHash LSH band keys; null when no text
-        pa.field("signature", pa.list_(pa.uint32())),
-        pa.field("nodes", pa.list_(NODE_STATS_TYPE)),  # text nodes only
-    ],
-    metadata={b"m3w.schema_version": SIGNALS_VERSION.encode()},
-)
+from schemas.filter_cache import SIGNALS_SCHEMA
 
 _SPACE_RE = re.compile(r"\s+")
 
@@ -72,6 +40,8 @@ def normalise_text(text: str) -> str:
 
 def normalise_url(url: str) -> str:
     """Lower-case scheme and host, drop the fragment and a trailing slash: the same page fetched twice."""
+    if not url.strip():
+        return ""
     try:
         parts = urlsplit(url.strip())
     except ValueError:
@@ -147,6 +117,29 @@ def node_stats(node: dict[str, Any], lang: str, config: FilterConfig) -> dict[st
         "stopwords": s.stopwords,
         "flagged_words": s.flagged_words,
     }
+
+
+def stats_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray, TextStats]:
+    """Every text node of a signals table at once: (row of its document, node_index, TextStats of arrays).
+
+    Values are widened to float64/int64 so that batch decisions equal the one-at-a-time ones on `stats_of`.
+    """
+    nodes = table["nodes"].combine_chunks()
+    flat = pc.list_flatten(nodes)
+    rows = pc.list_parent_indices(nodes).to_numpy()
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.asarray(pc.struct_field(flat, name).to_numpy(zero_copy_only=False), dtype=dtype)
+
+    stats = TextStats(
+        words=column("words", np.int64),
+        char_repetition=column("char_repetition", np.float64),
+        word_repetition=column("word_repetition", np.float64),
+        special_chars=column("special_chars", np.float64),
+        stopwords=column("stopwords", np.float64),
+        flagged_words=column("flagged_words", np.float64),
+    )
+    return rows, column("node_index", np.int64), stats
 
 
 def stats_of(row: dict[str, Any]) -> TextStats:

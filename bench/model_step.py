@@ -1,0 +1,200 @@
+"""Forward+backward time of one Flamingo training step, ours against OpenFlamingo 2.0.1 on the same HF parts.
+
+Default (CPU): the issue-6 shapes (`bench` preset: Llama d256 x4 layers, 4 heads, FFN 4x, 32k vocabulary; CLIP
+width 128, 2 layers, patch 16 on 64x64 images; resampler depth 6, 8 heads of 64; cross-attention every 2 layers,
+8 heads of 64), batch 2, 256 tokens, 5 images. Steps of the two models alternate, so machine load hits both alike.
+
+OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (install it there with
+`pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
+imports open_clip, which it only needs to build a CLIP tower by name, so a stub stands in for it.
+
+On a GPU (`--device cuda`, bf16 autocast) it also prints model FLOPs utilisation; `--preset compact` uses
+random weights of the compact preset's exact shapes (no hub access needed). Last line:
+`step_ms=<float> tokens_per_s=<float>` (+ ` mfu=<float>` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import Flamingo, build_preset  # noqa: E402
+
+OPENFLAMINGO_DIR = ROOT / ".venv-openflamingo"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def make_batch(model: Flamingo, batch: int, tokens: int, images: int, seed: int = 0):
+    """Random text with `images` <image> tokens spread over each row (each chunk closed by <EOC>)."""
+    generator = torch.Generator().manual_seed(seed)
+    lm_vocab = model.new_tokens.lm_vocab
+    special = {model.media_token_id, model.eoc_token_id, model.tokenizer.pad_token_id}
+    ids = torch.randint(
+        len(special) + 1, min(lm_vocab, len(model.tokenizer)), (batch, tokens), generator=generator
+    )
+    ids[torch.isin(ids, torch.tensor(sorted(special)))] = len(special) + 1
+    starts = torch.linspace(0, tokens, images + 1).long()[:-1]
+    ids[:, starts] = model.media_token_id
+    ids[:, starts[1:] - 1] = model.eoc_token_id
+    size = model.image_config["size"]
+    pixels = torch.randn(batch, images, 1, 3, size, size, generator=generator)
+    return ids, torch.ones_like(ids), pixels
+
+
+def load_openflamingo(model: Flamingo) -> torch.nn.Module:
+    """OpenFlamingo 2.0.1 around the same frozen LM and CLIP tower files as `model` (fresh copies)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    sys.path.insert(0, str(OPENFLAMINGO_DIR))
+    sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))  # only used to build towers by name
+    from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    class OpenClipLikeTower(torch.nn.Module):
+        """open_clip's visual(x) with output_tokens=True returns (pooled, patch tokens)."""
+
+        def __init__(self, hf_vision: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = hf_vision
+
+        def forward(self, pixels: torch.Tensor):
+            hidden = self.model(pixel_values=pixels).last_hidden_state
+            return hidden[:, 0], hidden[:, 1:]
+
+    lm = AutoModelForCausalLM.from_pretrained(model.config.lm, dtype=torch.float32)
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.layers")
+    vision = OpenClipLikeTower(AutoModel.from_pretrained(model.config.vision, dtype=torch.float32))
+    theirs = OpenFlamingo(
+        types.SimpleNamespace(visual=vision),
+        lm,
+        model.eoc_token_id,
+        model.media_token_id,
+        vis_dim=model.vision.dim,
+        cross_attn_every_n_layers=model.config.cross_attn_every,
+    )
+    # as their factory does: train the resampler, the gated blocks and the LM's input embeddings
+    theirs.requires_grad_(False)
+    theirs.perceiver.requires_grad_(True)
+    theirs.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    theirs.lang_encoder.get_input_embeddings().requires_grad_(True)
+    return theirs
+
+
+def step_flops(model: Flamingo, batch: int, tokens: int, images: int) -> float:
+    """Model FLOPs of one forward+backward: 2 per multiply-add forward; backward 2x forward for trainable
+    weights (input + weight gradients), 1x for the frozen LM (input gradients only), 0 for the frozen vision
+    tower. Attention score/value products counted like weights (2·L²·d per layer forward)."""
+    lm_config = model.lm.config.get_text_config()
+    lm_dim, lm_layers = lm_config.hidden_size, lm_config.num_hidden_layers
+    lm_weights = (
+        sum(p.numel() for p in model.lm.parameters()) - model.lm.get_input_embeddings().weight.numel()
+    )
+    text = batch * tokens
+    lm = 2 * lm_weights * text + 2 * 2 * batch * tokens**2 * lm_dim * lm_layers
+    patches = (model.vision.image_size // model.vision.patch_size) ** 2
+    vision = 2 * sum(p.numel() for p in model.vision.parameters()) * batch * images * patches
+    resampler_weights = sum(p.numel() for p in model.resampler.parameters())
+    resampler = 2 * resampler_weights * batch * images * model.config.num_latents
+    xattn_weights = sum(p.numel() for p in model.xattn.parameters())
+    xattn = 2 * xattn_weights * text + 2 * 2 * text * images * model.config.num_latents * lm_dim * len(
+        model.xattn
+    )
+    return 2 * lm + vision + 3 * (resampler + xattn)
+
+
+def timed_step(model: torch.nn.Module, ids, mask, pixels, ours: bool, device: torch.device) -> float:
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with autocast:
+        if ours:
+            loss = model(ids, mask, pixels, labels=ids).loss
+        else:
+            loss = model(pixels, ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    for p in model.parameters():
+        p.grad = None
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="bench", help="bench | tiny | compact (compact: random init)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    parser.add_argument("--no-openflamingo", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        torch.manual_seed(0)
+        config = build_preset(args.preset, workdir, random_init=True)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ours = Flamingo.from_config(config, dtype=dtype).to(device).train()
+        contenders = {"m3w": (ours, True)}
+        if args.compile:
+            contenders["m3w+compile"] = (torch.compile(ours), True)
+        if not args.no_openflamingo and (OPENFLAMINGO_DIR / "open_flamingo").is_dir():
+            contenders["openflamingo-2.0.1"] = (load_openflamingo(ours).to(device).train(), False)
+        elif not args.no_openflamingo:
+            print(f"OpenFlamingo not found in {OPENFLAMINGO_DIR}: measuring ours only")
+        ids, mask, pixels = (t.to(device) for t in make_batch(ours, args.batch, args.tokens, args.images))
+
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for step in range(args.warmup + args.steps):
+            for name, (model, is_ours) in contenders.items():  # alternate: load affects both alike
+                elapsed = timed_step(model, ids, mask, pixels, is_ours, device)
+                if step >= args.warmup:
+                    times[name].append(elapsed)
+
+    tokens = args.batch * args.tokens
+    print(f"preset={args.preset} device={device} batch={args.batch} tokens={args.tokens} images={args.images} "
+          f"threads={torch.get_num_threads()} steps={args.steps}")  # fmt: skip
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, seconds in medians.items():
+        print(f"  {name:<20} median {seconds * 1e3:9.1f} ms/step  {tokens / seconds:9.0f} tokens/s")
+    if "openflamingo-2.0.1" in medians:
+        print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
+    best = min((medians[name], name) for name in medians if name.startswith("m3w"))[0]
+    line = f"step_ms={best * 1e3:.1f} tokens_per_s={tokens / best:.0f}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+        if peak:
+            line += f" mfu={step_flops(ours, args.batch, args.tokens, args.images) / best / peak:.3f}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
