@@ -156,8 +156,8 @@ def _beam_search(
         logprobs = F.log_softmax(_allowed(model, decoder.logits), dim=-1)
         vocab = logprobs.shape[-1]
         candidates = (beam_scores[..., None] + logprobs.view(batch, beams, vocab)).view(batch, -1)
-        # enough candidates that `beams` of them do not end, whichever end tokens are among the best
-        top_scores, top_index = candidates.topk(beams + len(end), dim=1)
+        # enough candidates that `beams` of them do not end even when every beam's best tokens are end tokens
+        top_scores, top_index = candidates.topk(min(beams * (1 + len(end)), candidates.shape[1]), dim=1)
         next_rows, next_tokens, next_scores = [], [], []
         for b in range(batch):
             live = []

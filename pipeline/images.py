@@ -275,7 +275,7 @@ def iter_input_urls(inputs: Iterable[str | Path]) -> Iterator[str]:
     """Image URLs of filtered/ directories or parquet files (image nodes), or of text files (one URL a line)."""
     for path in map(Path, inputs):
         if path.is_dir():
-            for file in sorted(path.rglob("*.parquet")):
+            for file in sorted(path.glob("*.parquet")):  # top level: excluded/ and _cache/ are not inputs
                 if not file.name.startswith((".", "_")):
                     yield from _parquet_image_urls(file)
         elif path.suffix == ".parquet":

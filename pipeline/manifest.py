@@ -66,9 +66,14 @@ class Manifest:
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         line = json.dumps(entry, sort_keys=True) + "\n"
-        # One write + fsync per line: a crash leaves at most one torn line, which entries() skips.
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+        # One write + fsync per line: a crash leaves at most one torn line, which entries() skips. A torn line has
+        # no newline, so start on a fresh line or the torn bytes would swallow this entry too.
+        with open(self.path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

@@ -172,6 +172,8 @@ def webcorpus_documents(tmp_path_factory, webcorpus, ray_address) -> Path:
     from pipeline.extract import run_extract
 
     out = tmp_path_factory.mktemp("webcorpus_documents")
-    summary = run_extract(sorted(str(p) for p in (webcorpus / "warc").glob("*.warc.gz")), out, ray_address=ray_address)
+    summary = run_extract(
+        sorted(str(p) for p in (webcorpus / "warc").glob("*.warc.gz")), out, ray_address=ray_address
+    )
     assert summary.failed == 0, summary.failures
     return out

@@ -442,6 +442,25 @@ def test_beam_search_returns_highest_scoring_beam(opened):
         assert out.scores[row].item() == pytest.approx(totals.max().item() / 2, abs=1e-4)  # length_penalty 1
 
 
+def test_beam_search_survives_every_beam_ending_at_once(opened):
+    """One token dominates every position, so all beams want to end together: beam search must still find
+    `beams` live continuations (a candidate pool of beams + len(end) once crashed here) and return the end."""
+    ids, mask, images, media_mask = prompts(opened)
+    end = 7
+
+    def boost(module, args, output):
+        output[..., end] += 30.0
+        return output
+
+    hook = opened.lm.get_output_embeddings().register_forward_hook(boost)
+    try:
+        out = opened.generate(ids, mask, images, media_mask, max_new_tokens=4, num_beams=3, eos_token_id=end)
+    finally:
+        hook.remove()
+    assert out.sequences[:, ids.shape[1]].tolist() == [end, end]
+    assert (out.sequences[:, ids.shape[1] + 1 :] == opened.tokenizer.pad_token_id).all()
+
+
 def test_score_equals_full_forward_log_likelihood(opened):
     ids, mask = encode(opened, ["<image> a photo of a"])
     images = images_for(1, 1)[0]
