@@ -340,18 +340,9 @@ class _Walker:
         self.total_chars = 0
 
     # -- elements
-    def _new_element(self, tag: str, parent: int, hint: int) -> int:
-        idx = len(self.page.tag)
-        self.page.parent.append(parent)
-        self.page.tag.append(tag)
-        self.page.content_hint.append(hint)
-        return idx
-
     def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
-        """(drop this subtree, content hint). Furniture (by tag, role, class or id; a <header> without the h1)
-        is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around the article)."""
-        if not attrs and tag not in _TAGS_WITH_MEANING:
-            return False, 0  # the common case (<p>, <li>, <b>): nothing to classify
+        """(drop this subtree, content hint) of an element with attributes or a telling tag. Furniture (by tag,
+        role, class or id; a <header> without the h1) is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around the article)."""
         boiler, header_like, hint = _classify(
             tag,
             attrs.get("class") or "",
@@ -385,7 +376,7 @@ class _Walker:
         if not self.pieces:
             return
         raw = "".join(self.pieces)
-        self.pieces = []
+        self.pieces.clear()  # in place: the walk holds this list in a local
         if self.block_kind == "code":
             text = raw.replace(_LINE_BREAK, "\n").strip("\n")
         else:
@@ -474,20 +465,27 @@ class _Walker:
     def walk(self, root: LexborNode) -> _Page:
         max_depth = self.options.max_depth
         self.total_chars = _visible_len(root.text(deep=True))
-        root_idx = self._new_element(root.tag or "body", -1, 0)
+        page = self.page
+        page.tag.append(root.tag or "body")
+        page.parent.append(-1)
+        page.content_hint.append(0)
+        root_idx = 0
         # frame: (node, element index, is block element, is link, saved block state)
         stack: list[tuple[LexborNode, int, bool, bool, tuple]] = [
             (root, root_idx, True, False, (root_idx, "paragraph", 0, 0))
         ]
         self.block_owner, self.block_kind = root_idx, "paragraph"
         in_link = 0
+        # Locals, not attribute lookups: this loop runs once per DOM node and dominates extraction time.
+        pieces, tags, parents, hints = self.pieces, page.tag, page.parent, page.content_hint
+        flush, is_furniture = self._flush, self._is_furniture
         node = root.child
         while True:
             if node is None:
                 frame_node, idx, is_block, is_link, saved = stack.pop()
                 if is_block:
-                    if self.pieces:
-                        self._flush()
+                    if pieces:
+                        flush()
                     self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
                 if is_link:
                     in_link -= 1
@@ -498,10 +496,10 @@ class _Walker:
             tag = node.tag
             if tag == "-text":
                 text = node.text_content
-                if text and (self.pieces or not text.isspace()):
-                    if not self.pieces:
+                if text and (pieces or not text.isspace()):
+                    if not pieces:
                         self.block_dom = self.dom_index
-                    self.pieces.append(text)
+                    pieces.append(text)
                     if in_link:
                         self.link_chars += len(text.strip())
                 node = node.next
@@ -511,16 +509,20 @@ class _Walker:
                 continue
             self.dom_index += 1
             attrs = node.attributes
-            if ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs) and self._hidden(attrs):
+            if (
+                attrs
+                and ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs)
+                and self._hidden(attrs)
+            ):
                 node = node.next
                 continue
             if tag == "br":
-                self.pieces.append(_LINE_BREAK)
+                pieces.append(_LINE_BREAK)
                 node = node.next
                 continue
             if tag in ("img", "video"):
-                if self.pieces:
-                    self._flush()
+                if pieces:
+                    flush()
                 owner = stack[-1][1] if stack else root_idx
                 if tag == "img":
                     self._image(node, attrs, owner, in_link > 0)
@@ -528,17 +530,26 @@ class _Walker:
                     self._video(node, attrs, owner)
                 node = node.next
                 continue
-            furniture, hint = self._is_furniture(node, tag, attrs)
-            if furniture:
-                node = node.next
-                continue
+            if attrs or tag in _TAGS_WITH_MEANING:
+                furniture, hint = is_furniture(node, tag, attrs)
+                if furniture:
+                    node = node.next
+                    continue
+            else:  # the common case (<p>, <li>, <b>): nothing to classify
+                hint = 0
             block = BLOCK_OF_TAG.get(tag)
             # Only block elements are recorded: inline ones (a, span, b) never own text or root the content.
-            idx = stack[-1][1] if block is None and not hint else self._new_element(tag, stack[-1][1], hint)
+            if block is None and not hint:
+                idx = stack[-1][1]
+            else:
+                idx = len(tags)
+                tags.append(tag)
+                parents.append(stack[-1][1])
+                hints.append(hint)
             saved: tuple = ()
             if block is not None:
-                if self.pieces:
-                    self._flush()
+                if pieces:
+                    flush()
                 saved = (self.block_owner, self.block_kind, self.block_level, self.block_dom)
                 # Containers (div, ul, table...) keep an enclosing specific kind (a div inside an li is a list item).
                 if block != "paragraph" or tag == "p" or self.block_kind == "paragraph":
