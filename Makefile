@@ -29,7 +29,12 @@ test: setup
 demo: setup
 	$(BIN)/python -m demo.run --out demo-out
 
-bench: setup
+# The anchors bench/model_step.py measures against, kept out of .venv (bench/images.py makes its img2dataset venv).
+OPENFLAMINGO := .venv-openflamingo/open_flamingo
+$(OPENFLAMINGO):
+	$(BIN)/python -m pip install --quiet --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts
+
+bench: setup $(OPENFLAMINGO)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/images.py
@@ -43,4 +48,4 @@ lint: setup
 	$(BIN)/ruff format --check pipeline trainer model schemas tests bench demo
 
 clean:
-	rm -rf $(VENV) demo-out bench-out
+	rm -rf $(VENV) .venv-img2dataset .venv-openflamingo demo-out bench-out

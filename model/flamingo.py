@@ -5,7 +5,8 @@ GATED XATTN-DENSE blocks in front of the decoder layers of a frozen causal LM.
         ──resampler──▶ visual tokens [B, N, R, dv] ──each block's to_kv──▶ K, V [B, h, N, R, dh]   (once)
     input_ids [B, L] ──embeddings (frozen; own rows for <image>, <EOC>)──▶ LM decoder layers, each n-th one
         preceded by a gated block: text token t cross-attends to the visual tokens of image media_index[t]
-    ──▶ logits [B, L, vocab]; loss = mean NLL of the labels (shifted here)
+    ──▶ logits [B, L, vocab]; loss = mean NLL of the labels (shifted here; with labels the head and the loss run
+        fused, chunk by chunk, and the logits are not materialised: model/loss.py)
 
 The text-to-image assignment media_index[t] = (number of `<image>` tokens at positions ≤ t) - 1, so -1 before
 the first image. The k-th `<image>` of a row is the k-th real media slot of that row.
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import FlamingoConfig
 from model.lm_adapter import NewTokenRows, attach_before_layers, decoder_layers, gated_layer_indices
+from model.loss import IGNORE_INDEX, linear_cross_entropy, plain_linear_head
 from model.resampler import PerceiverResampler
 from model.vision import VisionEncoder
 from model.xattn import GatedCrossAttentionBlock
@@ -45,8 +47,9 @@ def autocast(device: torch.device):
 @dataclass
 class FlamingoOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed without them (see Flamingo.forward)
     past_key_values: object | None = None
+    hidden: torch.Tensor | None = None  # the LM's final hidden states, when the head was not run
 
 
 @dataclass
@@ -224,23 +227,28 @@ class Flamingo(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: object | None = None,
+        run_head: bool = True,
     ) -> FlamingoOutput:
-        """One LM call with the gated blocks reading `state`; with `past_key_values` it extends the LM's cache."""
+        """One LM call with the gated blocks reading `state`; with `past_key_values` it extends the LM's cache.
+        `run_head=False` stops at the final hidden states (the LM's base model), for the fused loss."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:  # from the mask, so left- and right-padded rows both count from 0
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        inputs = {
+            "inputs_embeds": self.new_tokens.embed(input_ids, self.lm.get_input_embeddings()),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": past_key_values is not None,
+        }
         self._state = state
         try:
             with autocast(input_ids.device):
-                out = self.lm(
-                    inputs_embeds=self.new_tokens.embed(input_ids, self.lm.get_input_embeddings()),
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=past_key_values is not None,
-                    output_hidden_states=True,
-                )
+                if not run_head:
+                    hidden = self.lm.base_model(**inputs).last_hidden_state
+                    return FlamingoOutput(loss=None, logits=None, hidden=hidden)
+                out = self.lm(**inputs, output_hidden_states=True)
                 logits = self.new_tokens.logits(out.logits, out.hidden_states[-1])
         finally:
             self._state = None
@@ -253,13 +261,24 @@ class Flamingo(nn.Module):
         images: torch.Tensor | None = None,
         media_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> FlamingoOutput:
+        """Logits, or with `labels` the mean next-token NLL and no logits (the head and the loss run fused, chunk
+        by chunk) unless `return_logits` asks for both."""
         state = self.visual_state(input_ids, images, media_mask)
-        out = self.run_lm(input_ids, state, attention_mask)
-        if labels is not None:
-            # shift the labels, not the logits: slicing [B, L, vocab] would copy it
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            out.loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        # shift the labels, not the logits: slicing [B, L, vocab] would copy it
+        targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+        head = plain_linear_head(self.lm)
+        if targets is None or return_logits or head is None:
+            out = self.run_lm(input_ids, state, attention_mask)
+            if targets is not None:
+                out.loss = F.cross_entropy(out.logits.flatten(0, 1), targets, ignore_index=IGNORE_INDEX)
+            return out
+        out = self.run_lm(input_ids, state, attention_mask, run_head=False)
+        rows = self.new_tokens
+        out.loss = linear_cross_entropy(
+            out.hidden.flatten(0, 1), head, rows.output_rows, rows.token_ids, rows.vocab_size, targets
+        )
         return out
 
     # ---- generation (model/generation.py) --------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_init_logits_equal_bare_lm_with_images(family, tmp_path):
 def test_text_only_batch(tiny):
     ids, mask = encode(tiny, ["just some text without media"])
     with torch.no_grad():
-        out = tiny(ids, mask, labels=ids)
+        out = tiny(ids, mask, labels=ids, return_logits=True)
         assert torch.allclose(
             out.logits[..., : tiny.new_tokens.lm_vocab], bare_lm_logits(tiny, ids, mask), atol=1e-5
         )
@@ -180,7 +180,7 @@ def test_padding_tokens_give_finite_values_and_gradients(tiny):
     set_gates(tiny)
     tiny.train()
     ids, mask = encode(tiny, ["<image> x", "words first then <image> and more"])
-    out = tiny(ids, mask, images_for(2, 1), labels=ids.masked_fill(mask == 0, -100))
+    out = tiny(ids, mask, images_for(2, 1), labels=ids.masked_fill(mask == 0, -100), return_logits=True)
     out.loss.backward()
     assert torch.isfinite(out.logits[mask.bool()]).all()
     for name, p in tiny.trainable_parameters():
@@ -308,7 +308,7 @@ def test_new_token_ids_beyond_lm_vocab(tmp_path, small_tokenizer):
     ids, mask = encode(model, ["a photo <image> of a cat <EOC>", "<image> dog"])  # left padding: pad ids
     assert (ids >= base_vocab).any()
     labels = ids.masked_fill(mask == 0, -100)
-    out = model(ids, mask, images_for(2, 1), labels=labels)
+    out = model(ids, mask, images_for(2, 1), labels=labels, return_logits=True)
     assert out.logits.shape[-1] == len(model.tokenizer) and torch.isfinite(out.loss)
     with torch.no_grad():
         assert torch.allclose(
@@ -321,6 +321,44 @@ def test_new_token_ids_beyond_lm_vocab(tmp_path, small_tokenizer):
     assert new_rows == {"new_tokens.input_rows": (2, 64), "new_tokens.output_rows": (2, 64)}
     out.loss.backward()
     assert model.new_tokens.output_rows.grad.abs().sum() > 0  # <EOC> is a target
+    set_gates(model)
+    assert_fused_loss_matches_full_logits(model, ids, mask, images_for(2, 1), labels)
+
+
+def assert_fused_loss_matches_full_logits(
+    model: Flamingo, ids, mask, images, labels, media_mask=None
+) -> None:
+    """The training loss without materialised logits (model/loss.py) equals cross-entropy over the full logits,
+    in value and in every trainable gradient."""
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, mask, images, media_mask, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) != return_logits
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad for n, p in model.trainable_parameters()}))
+    (full_loss, full_grads), (fused_loss, fused_grads) = results
+    assert fused_loss == pytest.approx(full_loss, rel=1e-5)
+    for name, grad in full_grads.items():
+        assert (grad is None) == (fused_grads[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert full_grads["new_tokens.output_rows"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_loss_matches_full_logits(family, tmp_path):
+    """New-token ids inside the LM's vocabulary (their columns replaced), ignored labels, tied (gpt2) and untied
+    heads."""
+    model = Flamingo.from_config(build_preset("tiny", tmp_path, family=family)).train()
+    set_gates(model)
+    ids, mask = encode(
+        model, ["a photo <image> of a cat <EOC> and text", "<image> dog <EOC> <image> bird <EOC>"]
+    )
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :3] = -100
+    media_mask = torch.tensor([[True, False], [True, True]])
+    assert_fused_loss_matches_full_logits(model, ids, mask, images_for(2, 2), labels, media_mask)
 
 
 # ---- persistence ---------------------------------------------------------------------------------------------
