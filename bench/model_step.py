@@ -93,6 +93,15 @@ def load_openflamingo(model: Flamingo) -> torch.nn.Module:
     return theirs
 
 
+def mfu_field(flops_per_s: float, device: torch.device) -> str:
+    """` mfu=<float>` against the card's dense bf16 peak on a known GPU; empty elsewhere."""
+    if device.type != "cuda":
+        return ""
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return f" mfu={flops_per_s / peak:.3f}" if peak else ""
+
+
 def step_flops(model: Flamingo, batch: int, tokens: int, images: int) -> float:
     """Model FLOPs of one forward+backward: 2 per multiply-add forward; backward 2x forward for trainable
     weights (input + weight gradients), 1x for the frozen LM (input gradients only), 0 for the frozen vision
@@ -187,13 +196,8 @@ def main() -> None:
     if "openflamingo-2.0.1" in medians:
         print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
     best = min((medians[name], name) for name in medians if name.startswith("m3w"))[0]
-    line = f"step_ms={best * 1e3:.1f} tokens_per_s={tokens / best:.0f}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-        if peak:
-            line += f" mfu={step_flops(ours, args.batch, args.tokens, args.images) / best / peak:.3f}"
-    print(line)
+    flops_per_s = step_flops(ours, args.batch, args.tokens, args.images) / best
+    print(f"step_ms={best * 1e3:.1f} tokens_per_s={tokens / best:.0f}" + mfu_field(flops_per_s, device))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_step import PEAK_BF16_FLOPS, step_flops  # noqa: E402
+from model_step import mfu_field, step_flops  # noqa: E402
 
 from model import Flamingo, build_preset  # noqa: E402
 from pipeline.tokenizer import tokenizer_fingerprint  # noqa: E402
@@ -111,13 +111,10 @@ def main() -> None:
     print(
         f"  median step {median * 1e3:.1f} ms, {tok_s:.0f} tokens/s, data wait {100 * wait:.1f}% of step time"
     )
-    line = f"tokens_per_s={tok_s:.1f} data_wait_fraction={wait:.4f}"
-    if cuda:
-        name = torch.cuda.get_device_name(device)
-        peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
-        if peak:
-            line += f" mfu={sum(flops) / sum(step_s) / peak:.3f}"
-    print(line)
+    print(
+        f"tokens_per_s={tok_s:.1f} data_wait_fraction={wait:.4f}"
+        + mfu_field(sum(flops) / sum(step_s), device)
+    )
 
 
 if __name__ == "__main__":
