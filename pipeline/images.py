@@ -45,6 +45,11 @@ from pipeline.ray_runner import Unit, run_units
 from schemas import documents as doc_spec
 
 RESIZE_MODES = ("center_crop", "pad", "keep_ratio")
+RESAMPLE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+}
 STORE_CONFIG = "_store_config.json"
 
 
@@ -53,6 +58,8 @@ class ImagesConfig:
     image_size: int = 320  # Flamingo: 320×320 inputs
     resize_mode: str = "center_crop"  # center_crop | pad (letterbox) | keep_ratio (shorter side = image_size)
     pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])
+    # Antialiased bicubic: what CLIP/SigLIP preprocessing resizes with, and 1.7x faster than Lanczos in Pillow
+    resample: str = "bicubic"  # bicubic | lanczos | bilinear
     jpeg_quality: int = 95  # img2dataset's default encode quality
     max_pixels: int = 50_000_000  # decoded width × height cap: decompression bombs end as too_large
     min_side: int = 10  # below this (tracking pixels, spacers) an image cannot be resized meaningfully
@@ -65,10 +72,15 @@ class ImagesConfig:
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r} not in {RESIZE_MODES}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample {self.resample!r} not in {sorted(RESAMPLE_FILTERS)}")
 
     def store_settings(self) -> dict[str, Any]:
         """What the stored blobs depend on: one store holds images of one geometry and encoding."""
-        return {k: to_dict(self)[k] for k in ("image_size", "resize_mode", "pad_color", "jpeg_quality")}
+        return {
+            k: to_dict(self)[k]
+            for k in ("image_size", "resize_mode", "pad_color", "resample", "jpeg_quality")
+        }
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -110,25 +122,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize(
-    img: Image.Image, size: int, mode: str, pad_color: tuple[int, int, int] = (0, 0, 0)
+    img: Image.Image,
+    size: int,
+    mode: str,
+    pad_color: tuple[int, int, int] = (0, 0, 0),
+    resample: str = "bicubic",
 ) -> Image.Image:
     """center_crop: fill size×size, cropping the long side; pad: fit inside size×size, padding the rest;
     keep_ratio: shorter side = size, aspect ratio kept."""
     w, h = img.size
+    fltr = RESAMPLE_FILTERS[resample]
     if mode == "center_crop":
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
-        return img.resize(
-            (size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side), reducing_gap=3.0
-        )
+        return img.resize((size, size), fltr, box=(left, top, left + side, top + side), reducing_gap=3.0)
     if mode == "keep_ratio":
         scale = size / min(w, h)
-        return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS,
-                          reducing_gap=3.0)  # fmt: skip
+        return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), fltr, reducing_gap=3.0)
     if mode == "pad":
         scale = size / max(w, h)
-        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS,
-                           reducing_gap=3.0)  # fmt: skip
+        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), fltr, reducing_gap=3.0)
         canvas = Image.new("RGB", (size, size), pad_color)
         canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
         return canvas
@@ -159,7 +172,7 @@ def decode_and_resize(data: bytes, config: ImagesConfig) -> Decoded:
     try:
         img.draft(None, _draft_size(width, height, config.image_size, config.resize_mode))
         img = _to_rgb(ImageOps.exif_transpose(img))
-        out = resize(img, config.image_size, config.resize_mode, tuple(config.pad_color))
+        out = resize(img, config.image_size, config.resize_mode, tuple(config.pad_color), config.resample)
         buffer = io.BytesIO()
         out.save(buffer, "JPEG", quality=config.jpeg_quality)
     except Exception as exc:  # noqa: BLE001 - any failure decoding untrusted bytes is that image's decode error

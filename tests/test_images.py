@@ -97,6 +97,12 @@ def test_resize_modes_on_a_real_photo(webcorpus: Path) -> None:
     assert padded.getpixel((160, 160)) != (0, 0, 0)
     with pytest.raises(ValueError, match="resize_mode"):
         ImagesConfig(resize_mode="stretch")
+    # every resampling filter gives the geometry; they differ only in the pixels
+    by_filter = {f: resize(img, 320, "center_crop", resample=f) for f in ("bicubic", "lanczos", "bilinear")}
+    assert {out.size for out in by_filter.values()} == {(320, 320)}
+    assert by_filter["bicubic"].tobytes() != by_filter["lanczos"].tobytes()
+    with pytest.raises(ValueError, match="resample"):
+        ImagesConfig(resample="nearest")
 
 
 def test_decode_uses_real_size_and_jpeg_draft(webcorpus: Path) -> None:

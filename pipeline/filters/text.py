@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import regex
-from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
 
 _HERE = Path(__file__).resolve().parent
 # Words are maximal runs of letters, marks, digits and in-word apostrophes/hyphens: punctuation never counts.
@@ -86,6 +85,10 @@ def char_repetition_ratio(text: str, n: int) -> float:
 
 def word_repetition_ratio(word_list: list[str], n: int) -> float:
     """Gopher (datatrove): share of word characters inside word n-grams seen earlier in the text."""
+    # Imported here: datatrove takes ~0.5 s to import, and `m3w images` workers (which use only the image rules
+    # of pipeline.filters) should not pay it at start-up.
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
+
     total = sum(len(w) for w in word_list)
     if total == 0 or len(word_list) < n:
         return 0.0
