@@ -3,6 +3,8 @@
 Default (CPU): the issue-6 shapes (`bench` preset: Llama d256 x4 layers, 4 heads, FFN 4x, 32k vocabulary; CLIP
 width 128, 2 layers, patch 16 on 64x64 images; resampler depth 6, 8 heads of 64; cross-attention every 2 layers,
 8 heads of 64), batch 2, 256 tokens, 5 images. Steps of the two models alternate, so machine load hits both alike.
+Each model runs its own default training path: ours the fused linear cross-entropy (model/loss.py, no
+[tokens, vocab] logits), OpenFlamingo HF's logits + cross-entropy.
 
 OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (install it there with
 `pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
