@@ -6,7 +6,7 @@ width 128, 2 layers, patch 16 on 64x64 images; resampler depth 6, 8 heads of 64;
 Each model runs its own default training path: ours the fused linear cross-entropy (model/loss.py, no
 [tokens, vocab] logits), OpenFlamingo HF's logits + cross-entropy.
 
-OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (install it there with
+OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (`make bench` installs it there, as
 `pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
 imports open_clip, which it only needs to build a CLIP tower by name, so a stub stands in for it.
 
