@@ -4,8 +4,8 @@
 
 The single-process run streams the WARCs through the same generator the Ray tasks use. The Ray run gives each
 of 2 workers its own copy (a symlink) of every input, so both have a whole WARC to chew on. The last line is
-`pages_per_cpu_s=<float> mb_per_s=<float> peak_rss_mb=<float>` for the best of 3 single-process passes (targets: >= 200
-pages per CPU-second, <= 1024 MiB per worker).
+`pages_per_cpu_s=<float> mb_per_s=<float> peak_rss_mb=<float>` for the best of 3 single-process passes
+(targets: >= 200 pages per CPU-second, <= 1024 MiB per worker).
 """
 
 from __future__ import annotations

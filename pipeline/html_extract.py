@@ -342,7 +342,8 @@ class _Walker:
     # -- elements
     def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
         """(drop this subtree, content hint) of an element with attributes or a telling tag. Furniture (by tag,
-        role, class or id; a <header> without the h1) is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around the article)."""
+        role, class or id; a <header> without the h1) is dropped unless it holds most of the page's text (a
+        "has-sidebar" wrapper around the article)."""
         boiler, header_like, hint = _classify(
             tag,
             attrs.get("class") or "",

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import load_config, to_dict
+from pipeline.docs import document_files
 from pipeline.fetch import FetchConfig, SafeFetcher
 from pipeline.filters import FilterConfig, check_image_size
 from pipeline.imagestore import ImageStore, is_final
@@ -287,10 +288,9 @@ def _parquet_image_urls(path: Path) -> Iterator[str]:
 def iter_input_urls(inputs: Iterable[str | Path]) -> Iterator[str]:
     """Image URLs of filtered/ directories or parquet files (image nodes), or of text files (one URL a line)."""
     for path in map(Path, inputs):
-        if path.is_dir():
-            for file in sorted(path.glob("*.parquet")):  # top level: excluded/ and _cache/ are not inputs
-                if not file.name.startswith((".", "_")):
-                    yield from _parquet_image_urls(file)
+        if path.is_dir():  # its document files only: excluded/ and _cache/ are not inputs
+            for file in document_files(path):
+                yield from _parquet_image_urls(file)
         elif path.suffix == ".parquet":
             yield from _parquet_image_urls(path)
         elif path.is_file():

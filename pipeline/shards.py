@@ -25,6 +25,7 @@ import click
 import pyarrow.parquet as pq
 
 from pipeline.config import from_dict, load_config, to_dict
+from pipeline.docs import document_files
 from pipeline.io import atomic_open, stable_hash
 from pipeline.manifest import Manifest
 from pipeline.ray_runner import Unit, run_units
@@ -146,7 +147,7 @@ def input_files(inputs: Iterable[str | Path]) -> list[Path]:
     for path in map(Path, inputs):
         if path.is_dir():
             # Not recursive: a filter output dir also holds excluded/ and _cache/ parquet files.
-            files.extend(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+            files.extend(document_files(path))
         elif path.exists():
             files.append(path)
         else:
