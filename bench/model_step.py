@@ -10,6 +10,8 @@ OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (`make
 `pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
 imports open_clip, which it only needs to build a CLIP tower by name, so a stub stands in for it.
 
+On a CPU it also measures this machine's fp32 GEMM peak in the same run and prints the step's floor (every
+model FLOP at that peak) and how close each model comes to it: the yardstick for a speed-up target.
 On a GPU (`--device cuda`, bf16 autocast) it also prints model FLOPs utilisation; `--preset compact` uses
 random weights of the compact preset's exact shapes (no hub access needed). Last line:
 `step_ms=<float> tokens_per_s=<float>` (+ ` mfu=<float>` on a GPU).
@@ -126,6 +128,18 @@ def step_flops(model: Flamingo, batch: int, tokens: int, images: int) -> float:
     return 2 * lm + vision + 3 * (resampler + xattn)
 
 
+def measured_gemm_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square fp32 matmul on a CPU: the practical ceiling of a step made of GEMMs."""
+    a = torch.randn(size, size, device=device)
+    a @ a
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / min(seconds)
+
+
 def timed_step(model: torch.nn.Module, ids, mask, pixels, ours: bool, device: torch.device) -> float:
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -198,7 +212,17 @@ def main() -> None:
     if "openflamingo-2.0.1" in medians:
         print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
     best = min((medians[name], name) for name in medians if name.startswith("m3w"))[0]
-    flops_per_s = step_flops(ours, args.batch, args.tokens, args.images) / best
+    flops = step_flops(ours, args.batch, args.tokens, args.images)
+    flops_per_s = flops / best
+    if device.type == "cpu":
+        # the floor: every model FLOP at the speed of one large GEMM on this machine, measured in this run
+        peak = measured_gemm_peak(device)
+        print(f"  model {flops / 1e9:.1f} GFLOP/step; peak fp32 GEMM {peak / 1e9:.0f} GFLOP/s -> floor "
+              f"{flops / peak * 1e3:.0f} ms/step; ours at {flops_per_s / peak:.0%} of it")  # fmt: skip
+        if "openflamingo-2.0.1" in medians:
+            theirs = medians["openflamingo-2.0.1"]
+            print(f"  OpenFlamingo at {flops / theirs / peak:.0%}; 2x OpenFlamingo would need "
+                  f"{2 * flops / theirs / peak:.0%} of the GEMM peak")  # fmt: skip
     print(f"step_ms={best * 1e3:.1f} tokens_per_s={tokens / best:.0f}" + mfu_field(flops_per_s, device))
 
 

@@ -604,3 +604,37 @@ def test_linear_cross_entropy_over_many_chunks(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     ignored = targets == model.loss.IGNORE_INDEX
     assert ignored.sum() > 30 and not fused_grads[0][ignored].any()
+
+
+def test_bf16_frozen_parts_under_autocast(tiny_dir):
+    """The GPU configuration (frozen LM and vision tower in bf16, trainable parts in fp32, bf16 autocast) run on
+    the CPU: the fused loss agrees with the full-logits loss and with fp32, and every trainable part learns."""
+    config = FlamingoConfig(**json.loads((tiny_dir / "config.json").read_text()))
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Flamingo.from_config(config, dtype=dtype).train()
+        set_gates(model)
+        assert {p.dtype for _, p in model.trainable_parameters()} == {torch.float32}
+        ids, mask = encode(
+            model, ["a photo <image> of a cat <EOC> and text", "<image> dog <EOC> <image> bird"]
+        )
+        labels = ids.masked_fill(mask == 0, -100)
+        media_mask = torch.tensor([[True, False], [True, True]])
+        for return_logits in (False, True):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = model(
+                    ids, mask, images_for(2, 2), media_mask, labels=labels, return_logits=return_logits
+                )
+            out.loss.backward()
+            losses[dtype, return_logits] = out.loss.item()
+            grads = {name: p.grad for name, p in model.trainable_parameters()}
+            assert all(
+                g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values()
+            )
+            assert (
+                grads["new_tokens.output_rows"].abs().sum() > 0 and grads["resampler.latents"].abs().sum() > 0
+            )
+    assert losses[torch.bfloat16, False] == pytest.approx(losses[torch.bfloat16, True], rel=1e-3)
+    assert losses[torch.bfloat16, False] == pytest.approx(losses[torch.float32, False], rel=5e-3)
