@@ -14,7 +14,8 @@ On a CPU it also measures this machine's fp32 GEMM peak in the same run and prin
 model FLOP at that peak) and how close each model comes to it: the yardstick for a speed-up target.
 On a GPU (`--device cuda`, bf16 autocast) it also prints model FLOPs utilisation; `--preset compact` uses
 random weights of the compact preset's exact shapes (no hub access needed). Last line:
-`step_ms=<float> tokens_per_s=<float>` (+ ` mfu=<float>` on a GPU).
+`step_ms=<float> tokens_per_s=<float>` (+ ` mfu=<float>` on a GPU), for the fastest of our contenders and batch
+sizes, e.g. `--device cuda --preset compact --batch 8,16,32 --compile` on a lent GPU.
 """
 
 from __future__ import annotations
@@ -161,12 +162,25 @@ def timed_step(model: torch.nn.Module, ids, mask, pixels, ours: bool, device: to
     return elapsed
 
 
+def time_contenders(contenders: dict, batch: tuple, device: torch.device, warmup: int, steps: int) -> dict:
+    """Median seconds per step of each contender, steps alternating so machine load hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for step in range(warmup + steps):
+        for name, (model, is_ours) in contenders.items():
+            elapsed = timed_step(model, *batch, is_ours, device)
+            if step >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="bench", help="bench | tiny | compact (compact: random init)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument(
+        "--batch", default="2", help="batch size, or several (8,16,32) to find the one that fills a GPU"
+    )
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
@@ -181,7 +195,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    batch_sizes = [int(size) for size in args.batch.split(",")]
 
+    best = None  # (tokens/s, batch, contender, seconds)
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(0)
         config = build_preset(args.preset, workdir, random_init=True)
@@ -194,36 +210,43 @@ def main() -> None:
             contenders["openflamingo-2.0.1"] = (load_openflamingo(ours).to(device).train(), False)
         elif not args.no_openflamingo:
             print(f"OpenFlamingo not found in {OPENFLAMINGO_DIR}: measuring ours only")
-        ids, mask, pixels = (t.to(device) for t in make_batch(ours, args.batch, args.tokens, args.images))
 
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        for step in range(args.warmup + args.steps):
-            for name, (model, is_ours) in contenders.items():  # alternate: load affects both alike
-                elapsed = timed_step(model, ids, mask, pixels, is_ours, device)
-                if step >= args.warmup:
-                    times[name].append(elapsed)
+        for size in batch_sizes:
+            batch = tuple(t.to(device) for t in make_batch(ours, size, args.tokens, args.images))
+            try:
+                medians = time_contenders(contenders, batch, device, args.warmup, args.steps)
+            except torch.OutOfMemoryError:
+                print(f"batch={size}: out of memory; larger batches skipped")
+                break
+            finally:
+                del batch
+            tokens = size * args.tokens
+            print(f"preset={args.preset} device={device} batch={size} tokens={args.tokens} images={args.images} "
+                  f"threads={torch.get_num_threads()} steps={args.steps}")  # fmt: skip
+            for name, seconds in medians.items():
+                flops_per_s = step_flops(ours, size, args.tokens, args.images) / seconds
+                print(f"  {name:<20} median {seconds * 1e3:9.1f} ms/step  {tokens / seconds:9.0f} tokens/s"
+                      + mfu_field(flops_per_s, device))  # fmt: skip
+                if name.startswith("m3w") and (best is None or tokens / seconds > best[0]):
+                    best = (tokens / seconds, size, name, seconds)
+            if "openflamingo-2.0.1" in medians:
+                print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
+            if device.type == "cpu":
+                # the floor: every model FLOP at the speed of one large GEMM on this machine, measured in this run
+                flops, peak = step_flops(ours, size, args.tokens, args.images), measured_gemm_peak(device)
+                print(f"  model {flops / 1e9:.1f} GFLOP/step; peak fp32 GEMM {peak / 1e9:.0f} GFLOP/s -> floor "
+                      f"{flops / peak * 1e3:.0f} ms/step; ours at {flops / medians['m3w'] / peak:.0%} of it")  # fmt: skip
+                if "openflamingo-2.0.1" in medians:
+                    theirs = flops / medians["openflamingo-2.0.1"] / peak
+                    print(
+                        f"  OpenFlamingo at {theirs:.0%}; 2x OpenFlamingo would need {2 * theirs:.0%} of it"
+                    )
 
-    tokens = args.batch * args.tokens
-    print(f"preset={args.preset} device={device} batch={args.batch} tokens={args.tokens} images={args.images} "
-          f"threads={torch.get_num_threads()} steps={args.steps}")  # fmt: skip
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, seconds in medians.items():
-        print(f"  {name:<20} median {seconds * 1e3:9.1f} ms/step  {tokens / seconds:9.0f} tokens/s")
-    if "openflamingo-2.0.1" in medians:
-        print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
-    best = min((medians[name], name) for name in medians if name.startswith("m3w"))[0]
-    flops = step_flops(ours, args.batch, args.tokens, args.images)
-    flops_per_s = flops / best
-    if device.type == "cpu":
-        # the floor: every model FLOP at the speed of one large GEMM on this machine, measured in this run
-        peak = measured_gemm_peak(device)
-        print(f"  model {flops / 1e9:.1f} GFLOP/step; peak fp32 GEMM {peak / 1e9:.0f} GFLOP/s -> floor "
-              f"{flops / peak * 1e3:.0f} ms/step; ours at {flops_per_s / peak:.0%} of it")  # fmt: skip
-        if "openflamingo-2.0.1" in medians:
-            theirs = medians["openflamingo-2.0.1"]
-            print(f"  OpenFlamingo at {flops / theirs / peak:.0%}; 2x OpenFlamingo would need "
-                  f"{2 * flops / theirs / peak:.0%} of the GEMM peak")  # fmt: skip
-    print(f"step_ms={best * 1e3:.1f} tokens_per_s={tokens / best:.0f}" + mfu_field(flops_per_s, device))
+    if best is None:
+        raise SystemExit("no batch size fit in memory")
+    tokens_per_s, size, name, seconds = best
+    flops_per_s = step_flops(ours, size, args.tokens, args.images) / seconds
+    print(f"step_ms={seconds * 1e3:.1f} tokens_per_s={tokens_per_s:.0f}" + mfu_field(flops_per_s, device))
 
 
 if __name__ == "__main__":

@@ -557,7 +557,7 @@ def test_bench_script_reports_step_time():
         "--preset",
         "tiny",
         "--batch",
-        "1",
+        "1,2",
         "--tokens",
         "32",
         "--images",
@@ -573,6 +573,8 @@ def test_bench_script_reports_step_time():
     )  # fmt: skip
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"step_ms=\d+\.\d tokens_per_s=\d+", last), result.stdout
+    assert re.findall(r"batch=(\d) ", result.stdout) == ["1", "2"]  # one block per batch size
+    assert "floor" in result.stdout  # the CPU roofline line
 
 
 def test_linear_cross_entropy_over_many_chunks(monkeypatch):
