@@ -10,7 +10,7 @@ OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (`make
 `pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
 imports open_clip, which it only needs to build a CLIP tower by name, so a stub stands in for it.
 
-On a CPU it also measures this machine's fp32 GEMM peak in the same run and prints the step's floor (every
+On a CPU it also times a 2048^3 fp32 GEMM between the steps (the same machine load) and prints the step's floor (every
 model FLOP at that peak) and how close each model comes to it: the yardstick for a speed-up target.
 On a GPU (`--device cuda`, bf16 autocast) it also prints model FLOPs utilisation; `--preset compact` uses
 random weights of the compact preset's exact shapes (no hub access needed). Last line:
@@ -129,16 +129,18 @@ def step_flops(model: Flamingo, batch: int, tokens: int, images: int) -> float:
     return 2 * lm + vision + 3 * (resampler + xattn)
 
 
-def measured_gemm_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square fp32 matmul on a CPU: the practical ceiling of a step made of GEMMs."""
-    a = torch.randn(size, size, device=device)
-    a @ a
-    seconds = []
-    for _ in range(repeats):
+class GemmPeak:
+    """A large square fp32 matmul, timed between the model steps so it runs under the same machine load: the
+    practical ceiling of a step made of GEMMs (this machine's speed drifts by 1.5x over minutes)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.matrix = torch.randn(size, size)
+        self.flops: list[float] = []
+
+    def __call__(self) -> None:
         start = time.perf_counter()
-        a @ a
-        seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / min(seconds)
+        self.matrix @ self.matrix
+        self.flops.append(2 * self.matrix.shape[0] ** 3 / (time.perf_counter() - start))
 
 
 def timed_step(model: torch.nn.Module, ids, mask, pixels, ours: bool, device: torch.device) -> float:
@@ -162,7 +164,9 @@ def timed_step(model: torch.nn.Module, ids, mask, pixels, ours: bool, device: to
     return elapsed
 
 
-def time_contenders(contenders: dict, batch: tuple, device: torch.device, warmup: int, steps: int) -> dict:
+def time_contenders(
+    contenders: dict, batch: tuple, device: torch.device, warmup: int, steps: int, gemm: GemmPeak | None
+) -> dict:
     """Median seconds per step of each contender, steps alternating so machine load hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for step in range(warmup + steps):
@@ -170,6 +174,8 @@ def time_contenders(contenders: dict, batch: tuple, device: torch.device, warmup
             elapsed = timed_step(model, *batch, is_ours, device)
             if step >= warmup:
                 times[name].append(elapsed)
+        if gemm is not None and step >= warmup:
+            gemm()
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -213,8 +219,9 @@ def main() -> None:
 
         for size in batch_sizes:
             batch = tuple(t.to(device) for t in make_batch(ours, size, args.tokens, args.images))
+            gemm = GemmPeak() if device.type == "cpu" else None
             try:
-                medians = time_contenders(contenders, batch, device, args.warmup, args.steps)
+                medians = time_contenders(contenders, batch, device, args.warmup, args.steps, gemm)
             except torch.OutOfMemoryError:
                 print(f"batch={size}: out of memory; larger batches skipped")
                 break
@@ -233,7 +240,7 @@ def main() -> None:
                 print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
             if device.type == "cpu":
                 # the floor: every model FLOP at the speed of one large GEMM on this machine, measured in this run
-                flops, peak = step_flops(ours, size, args.tokens, args.images), measured_gemm_peak(device)
+                flops, peak = step_flops(ours, size, args.tokens, args.images), statistics.median(gemm.flops)
                 print(f"  model {flops / 1e9:.1f} GFLOP/step; peak fp32 GEMM {peak / 1e9:.0f} GFLOP/s -> floor "
                       f"{flops / peak * 1e3:.0f} ms/step; ours at {flops / medians['m3w'] / peak:.0%} of it")  # fmt: skip
                 if "openflamingo-2.0.1" in medians:

@@ -39,9 +39,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         extra_row_of = torch.full((max(vocab_size - lm_vocab, 1),), -1, dtype=torch.long, device=device)
         extra_row_of[extra_ids - lm_vocab] = torch.arange(len(extra_ids), device=device)
         lowest = torch.finfo(torch.float32).min
-        # ignored positions (padding, <image>) never reach the head: no logits, no loss, zero gradient
+        # ignored positions (padding, <image>) never reach the head: no logits, no loss, zero gradient. The kept
+        # rows are padded to whole CHUNK_ALIGN blocks with zero states whose loss is dropped (a zero row adds
+        # nothing to the new rows' gradient, and its own gradient is thrown away)
         kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        kept_hidden, kept_targets = hidden[kept], targets[kept]
+        n_kept = len(kept)
+        padded = -(-n_kept // CHUNK_ALIGN) * CHUNK_ALIGN
+        kept_hidden, kept_targets = hidden.new_zeros((padded, hidden.shape[1])), targets.new_zeros(padded)
+        kept_hidden[:n_kept], kept_targets[:n_kept] = hidden[kept], targets[kept]
 
         total = torch.zeros((), dtype=torch.float32, device=device)
         grad_kept = torch.empty_like(kept_hidden) if need_grad else None
@@ -50,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(chunk, CHUNK_ALIGN)
         with torch.autocast(device.type, enabled=False):
             rows32 = rows.float()
-            for start in range(0, len(kept), chunk):
+            for start in range(0, padded, chunk):
                 h = kept_hidden[start : start + chunk]
                 t = kept_targets[start : start + chunk]
                 logits = (weight @ h.to(weight.dtype).T).float()  # [lm_vocab, c]
@@ -75,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(peak).exp_()  # in place: the logits are not needed any more
                 extra_probs = (extra - peak).exp()
                 norm = probs.sum(0) + extra_probs.sum(0)
-                total += (peak + norm.log() - target_logit).sum()
+                total += (peak + norm.log() - target_logit)[: n_kept - start].sum()
                 if not need_grad:
                     continue
 
@@ -95,11 +100,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_rows += grad_new @ h.float()
 
         if need_grad:
-            inv = 1.0 / max(len(kept), 1)
-            grad_hidden = torch.zeros_like(hidden).index_copy_(0, kept, grad_kept * inv)
+            inv = 1.0 / max(n_kept, 1)
+            grad_hidden = torch.zeros_like(hidden).index_copy_(0, kept, grad_kept[:n_kept] * inv)
             ctx.save_for_backward(grad_hidden, grad_rows * inv)
             ctx.rows_dtype = rows.dtype
-        return total / len(kept)  # nan when every target is ignored, as F.cross_entropy
+        return total / n_kept  # nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
