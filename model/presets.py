@@ -38,7 +38,7 @@ class LMShape:
 
 @dataclass
 class VisionShape:
-    family: str = "clip"  # clip | siglip
+    family: str = "clip"  # clip | siglip | vit | dinov2
     width: int = 32
     layers: int = 2
     heads: int = 2
@@ -94,9 +94,14 @@ def lm_config(shape: LMShape, vocab: int, eos_token_id: int | None = None):
 
 
 def vision_config(shape: VisionShape):
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    from transformers import CLIPVisionConfig, Dinov2WithRegistersConfig, SiglipVisionConfig, ViTConfig
 
-    families = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}
+    families = {
+        "clip": CLIPVisionConfig,
+        "siglip": SiglipVisionConfig,
+        "vit": ViTConfig,
+        "dinov2": Dinov2WithRegistersConfig,  # CLS and 4 register tokens before the patches
+    }
     if shape.family not in families:
         raise ValueError(f"unknown vision family {shape.family!r}; known: {', '.join(families)}")
     return families[shape.family](

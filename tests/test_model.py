@@ -258,6 +258,24 @@ def test_any_resolution_and_siglip(tmp_path, tiny):
     assert torch.isfinite(model(ids, mask, images_for(1, 1), labels=ids).loss)
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_vision_towers_with_cls_and_register_tokens(tmp_path, family):
+    """A plain ViT (CLS first) and DINOv2 with registers (CLS and 4 registers first): the encoder returns exactly
+    the tower's patch tokens, in grid order."""
+    lm, vision, tok = write_random_parts(tmp_path, LMShape(), VisionShape(family=family, patch=8), None)
+    model = Flamingo.from_config(FlamingoConfig(lm=lm, vision=vision, tokenizer=tok, num_latents=4,
+                                                resampler_depth=1, resampler_heads=2, resampler_head_dim=8))  # fmt: skip
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model.vision.model(pixel_values=pixels).last_hidden_state
+    leading = 1 + getattr(model.vision.model.config, "num_register_tokens", 0)
+    assert hidden.shape[1] == leading + 16 and leading == {"vit": 1, "dinov2": 5}[family]
+    assert torch.equal(model.vision(pixels), hidden[:, leading:])  # 4x4 patches
+    assert model.vision(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)  # another resolution: 6x6 patches
+    ids, mask = encode(model, ["<image> hi"])
+    assert torch.isfinite(model(ids, mask, images_for(1, 1), labels=ids).loss)
+
+
 def test_gradient_checkpointing_same_loss_and_grads(tiny_dir):
     config = FlamingoConfig(**json.loads((tiny_dir / "config.json").read_text()))
     grads = []
