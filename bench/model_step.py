@@ -10,8 +10,8 @@ OpenFlamingo is measured when it is importable from `.venv-openflamingo/` (`make
 `pip install --no-deps --target .venv-openflamingo open-flamingo==2.0.1 einops einops-exts`); its package
 imports open_clip, which it only needs to build a CLIP tower by name, so a stub stands in for it.
 
-On a CPU it also times a 2048^3 fp32 GEMM between the steps (the same machine load) and prints the step's floor (every
-model FLOP at that peak) and how close each model comes to it: the yardstick for a speed-up target.
+On a CPU it also times a 2048^3 fp32 GEMM between the steps (the same machine load) and prints the step's floor
+(every model FLOP at that peak) and how close each model comes to it: the yardstick for a speed-up target.
 On a GPU (`--device cuda`, bf16 autocast) it also prints model FLOPs utilisation; `--preset compact` uses
 random weights of the compact preset's exact shapes (no hub access needed). Last line:
 `step_ms=<float> tokens_per_s=<float>` (+ ` mfu=<float>` on a GPU), for the fastest of our contenders and batch
@@ -203,7 +203,7 @@ def main() -> None:
     device = torch.device(args.device)
     batch_sizes = [int(size) for size in args.batch.split(",")]
 
-    best = None  # (tokens/s, batch, contender, seconds)
+    best = None  # (tokens/s, FLOP/s, seconds/step) of our fastest contender and batch size
     with tempfile.TemporaryDirectory() as workdir:
         torch.manual_seed(0)
         config = build_preset(args.preset, workdir, random_init=True)
@@ -227,20 +227,19 @@ def main() -> None:
                 break
             finally:
                 del batch
-            tokens = size * args.tokens
+            tokens, flops = size * args.tokens, step_flops(ours, size, args.tokens, args.images)
             print(f"preset={args.preset} device={device} batch={size} tokens={args.tokens} images={args.images} "
                   f"threads={torch.get_num_threads()} steps={args.steps}")  # fmt: skip
             for name, seconds in medians.items():
-                flops_per_s = step_flops(ours, size, args.tokens, args.images) / seconds
                 print(f"  {name:<20} median {seconds * 1e3:9.1f} ms/step  {tokens / seconds:9.0f} tokens/s"
-                      + mfu_field(flops_per_s, device))  # fmt: skip
+                      + mfu_field(flops / seconds, device))  # fmt: skip
                 if name.startswith("m3w") and (best is None or tokens / seconds > best[0]):
-                    best = (tokens / seconds, size, name, seconds)
+                    best = (tokens / seconds, flops / seconds, seconds)
             if "openflamingo-2.0.1" in medians:
                 print(f"  speedup vs OpenFlamingo: {medians['openflamingo-2.0.1'] / medians['m3w']:.2f}x")
             if device.type == "cpu":
                 # the floor: every model FLOP at the speed of one large GEMM on this machine, measured in this run
-                flops, peak = step_flops(ours, size, args.tokens, args.images), statistics.median(gemm.flops)
+                peak = statistics.median(gemm.flops)
                 print(f"  model {flops / 1e9:.1f} GFLOP/step; peak fp32 GEMM {peak / 1e9:.0f} GFLOP/s -> floor "
                       f"{flops / peak * 1e3:.0f} ms/step; ours at {flops / medians['m3w'] / peak:.0%} of it")  # fmt: skip
                 if "openflamingo-2.0.1" in medians:
@@ -251,8 +250,7 @@ def main() -> None:
 
     if best is None:
         raise SystemExit("no batch size fit in memory")
-    tokens_per_s, size, name, seconds = best
-    flops_per_s = step_flops(ours, size, args.tokens, args.images) / seconds
+    tokens_per_s, flops_per_s, seconds = best
     print(f"step_ms={seconds * 1e3:.1f} tokens_per_s={tokens_per_s:.0f}" + mfu_field(flops_per_s, device))
 
 

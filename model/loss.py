@@ -26,7 +26,7 @@ CHUNK_ALIGN = 64
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunks are computed transposed, logits [vocab, chunk] = W h^T, and the softmax reduces over dim 0: on the
-    benchmark CPU a 128-row chunk (both GEMMs and the softmax) ran 1.3x faster so than as h W^T with a row softmax."""
+    benchmark CPU a 128-row chunk (both GEMMs and the softmax) ran 1.3x faster than as h W^T with a row softmax."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, row_ids, vocab_size: int, targets):
