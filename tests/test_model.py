@@ -29,6 +29,13 @@ def set_gates(model: Flamingo, seed: int = 0) -> None:
             block.ffw_gate.copy_(0.5 + torch.rand(1, generator=generator))
 
 
+def backward_grads(model: Flamingo, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Backpropagate `loss` into fresh gradients; a copy of each trainable parameter's gradient (None: none)."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.trainable_parameters()}
+
+
 def images_for(batch: int, slots: int, frames: int = 1, size: int = SIZE, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, slots, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -286,12 +293,9 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_dir):
         set_gates(model)
         model.train()
         ids, mask = encode(model, ["<image> a caption <EOC> <image> another"])
-        loss = model(ids, mask, images_for(1, 2), labels=ids).loss
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.trainable_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+        grads.append(backward_grads(model, model(ids, mask, images_for(1, 2), labels=ids).loss))
+    assert all(grad is not None for grad in grads[0].values())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
 # ---- token ids beyond the LM's vocabulary ------------------------------------------------------------------
@@ -350,17 +354,12 @@ def assert_fused_loss_matches_full_logits(
     in value and in every trainable gradient."""
     results = []
     for return_logits in (True, False):
-        model.zero_grad(set_to_none=True)
         out = model(ids, mask, images, media_mask, labels=labels, return_logits=return_logits)
         assert (out.logits is None) != return_logits
-        out.loss.backward()
-        results.append((out.loss.item(), {n: p.grad for n, p in model.trainable_parameters()}))
+        results.append((out.loss.item(), backward_grads(model, out.loss)))
     (full_loss, full_grads), (fused_loss, fused_grads) = results
     assert fused_loss == pytest.approx(full_loss, rel=1e-5)
-    for name, grad in full_grads.items():
-        assert (grad is None) == (fused_grads[name] is None), name
-        if grad is not None:
-            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    torch.testing.assert_close(fused_grads, full_grads, rtol=1e-4, atol=1e-7)  # None where the other is None
     assert full_grads["new_tokens.output_rows"].abs().sum() > 0
 
 
@@ -563,14 +562,12 @@ def test_inductor_training_step_matches_eager(opened):
     labels = ids.masked_fill(mask == 0, -100)
     results = []
     for model in (opened, torch.compile(opened)):
-        opened.zero_grad(set_to_none=True)
         loss = model(ids, mask, images, media_mask, labels=labels).loss
-        loss.backward()
-        results.append((loss.item(), {name: p.grad.clone() for name, p in opened.trainable_parameters()}))
+        results.append((loss.item(), backward_grads(opened, loss)))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(grad is not None for grad in eager_grads.values())
+    torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_cli_info_prints_parameter_counts(tiny):
@@ -660,14 +657,12 @@ def test_bf16_frozen_parts_under_autocast(tiny_dir):
         labels = ids.masked_fill(mask == 0, -100)
         media_mask = torch.tensor([[True, False], [True, True]])
         for return_logits in (False, True):
-            model.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 out = model(
                     ids, mask, images_for(2, 2), media_mask, labels=labels, return_logits=return_logits
                 )
-            out.loss.backward()
             losses[dtype, return_logits] = out.loss.item()
-            grads = {name: p.grad for name, p in model.trainable_parameters()}
+            grads = backward_grads(model, out.loss)
             assert all(
                 g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values()
             )
