@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: setup
-	$(BIN)/python -m demo.run --out demo-out
+	$(BIN)/python -m m3w.demo.run --out demo-out
 
 # The anchors bench/model_step.py measures against, kept out of .venv (bench/images.py makes its img2dataset venv).
 OPENFLAMINGO := .venv-openflamingo/open_flamingo
@@ -44,8 +44,8 @@ bench: setup $(OPENFLAMINGO)
 	$(BIN)/python bench/train_step.py
 
 lint: setup
-	$(BIN)/ruff check pipeline trainer model schemas tests bench demo
-	$(BIN)/ruff format --check pipeline trainer model schemas tests bench demo
+	$(BIN)/ruff check m3w tests bench
+	$(BIN)/ruff format --check m3w tests bench
 
 clean:
 	rm -rf $(VENV) .venv-img2dataset .venv-openflamingo demo-out bench-out

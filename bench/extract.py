@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.extract import ExtractConfig, extract_unit, iter_warc_documents  # noqa: E402
+from m3w.pipeline.extract import ExtractConfig, extract_unit, iter_warc_documents  # noqa: E402
 
 REPEATS = 3
 DEFAULT_WARC = ROOT.parent / "shared" / "webcorpus" / "warc" / "trafilatura_eval.warc.gz"
@@ -49,8 +49,8 @@ def parse_only(warcs: list[str]) -> float:
     so figures from a busy machine can be read relative to it."""
     from selectolax.lexbor import LexborHTMLParser
 
-    from pipeline.html_extract import PageSkip, decode_html
-    from pipeline.warc import iter_html_records, open_input
+    from m3w.pipeline.html_extract import PageSkip, decode_html
+    from m3w.pipeline.warc import iter_html_records, open_input
 
     pages, cpu = 0, time.process_time()
     for warc in warcs:
@@ -75,8 +75,8 @@ def ray_run(warcs: list[str], workers: int = 2) -> tuple[int, float, float, floa
     """(pages, summed worker CPU s, wall s, MB read, max worker peak RSS MB) on a local Ray."""
     import ray
 
-    from pipeline.extract import to_dict
-    from pipeline.ray_runner import init_ray
+    from m3w.pipeline.extract import to_dict
+    from m3w.pipeline.ray_runner import init_ray
 
     init_ray(num_cpus=workers)
     remote = ray.remote(unit_with_rss).options(num_cpus=1)

@@ -162,7 +162,7 @@ def run_img2dataset(
 
 
 def run_ours(url_file: Path, store: Path, workers: int, threads: int) -> tuple[float, int, float, dict]:
-    from pipeline.images import ImagesConfig, run_images
+    from m3w.pipeline.images import ImagesConfig, run_images
 
     shutil.rmtree(store, ignore_errors=True)
     config = ImagesConfig(threads_per_task=threads)
@@ -196,7 +196,7 @@ def main() -> None:
                                                  args.workers, args.threads)  # fmt: skip
         print(f"img2dataset: {i2d_ok}/{len(names)} ok in {i2d_s:.1f}s, peak RSS {i2d_rss:.0f} MB")
 
-        from pipeline.ray_runner import init_ray
+        from m3w.pipeline.ray_runner import init_ray
 
         start = time.monotonic()
         init_ray(num_cpus=args.workers)

@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from trainer import toydata  # noqa: E402
-from trainer.config import DatasetConfig  # noqa: E402
-from trainer.data import build_streams  # noqa: E402
+from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from m3w.trainer import toydata  # noqa: E402
+from m3w.trainer.config import DatasetConfig  # noqa: E402
+from m3w.trainer.data import build_streams  # noqa: E402
 
 WEBCORPUS = ROOT.parent / "shared" / "webcorpus"
 

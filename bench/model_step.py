@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import Flamingo, build_preset  # noqa: E402
+from m3w.model import Flamingo, build_preset  # noqa: E402
 
 OPENFLAMINGO_DIR = ROOT / ".venv-openflamingo"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
@@ -80,7 +80,7 @@ def load_openflamingo(model: Flamingo) -> torch.nn.Module:
 
     lm = AutoModelForCausalLM.from_pretrained(model.config.lm, dtype=torch.float32)
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("model.layers")
+    lm.set_decoder_layers_attr_name("m3w.model.layers")
     vision = OpenClipLikeTower(AutoModel.from_pretrained(model.config.vision, dtype=torch.float32))
     theirs = OpenFlamingo(
         types.SimpleNamespace(visual=vision),

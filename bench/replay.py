@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import apply_overrides, from_dict  # noqa: E402
-from pipeline.extract import run_extract  # noqa: E402
-from pipeline.filter import run_filter  # noqa: E402
-from pipeline.filters import FilterConfig  # noqa: E402
-from pipeline.ray_runner import init_ray  # noqa: E402
+from m3w.pipeline.config import apply_overrides, from_dict  # noqa: E402
+from m3w.pipeline.extract import run_extract  # noqa: E402
+from m3w.pipeline.filter import run_filter  # noqa: E402
+from m3w.pipeline.filters import FilterConfig  # noqa: E402
+from m3w.pipeline.ray_runner import init_ray  # noqa: E402
 
 DEFAULT_WARC = ROOT.parent / "shared" / "webcorpus" / "warc" / "trafilatura_eval.warc.gz"
 

@@ -31,13 +31,13 @@ os.environ.setdefault(
 import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.config import to_dict  # noqa: E402
-from pipeline.extract import ExtractConfig, iter_warc_documents  # noqa: E402
-from pipeline.images import resize  # noqa: E402
-from pipeline.imagestore import ImageStore  # noqa: E402
-from pipeline.io import write_parquet_atomic  # noqa: E402
-from pipeline.shards import ShardsConfig, cached_tokenizer, m3w_unit, merge_parts  # noqa: E402
-from schemas.documents import DOCUMENT_SCHEMA  # noqa: E402
+from m3w.pipeline.config import to_dict  # noqa: E402
+from m3w.pipeline.extract import ExtractConfig, iter_warc_documents  # noqa: E402
+from m3w.pipeline.images import resize  # noqa: E402
+from m3w.pipeline.imagestore import ImageStore  # noqa: E402
+from m3w.pipeline.io import write_parquet_atomic  # noqa: E402
+from m3w.pipeline.shards import ShardsConfig, cached_tokenizer, m3w_unit, merge_parts  # noqa: E402
+from m3w.schemas.documents import DOCUMENT_SCHEMA  # noqa: E402
 
 WEBCORPUS = ROOT.parent / "shared" / "webcorpus"
 DEFAULT_WARC = WEBCORPUS / "warc" / "trafilatura_eval.warc.gz"
@@ -54,7 +54,7 @@ def build_inputs(warc: str, root: Path) -> tuple[Path, Path, int]:
     """Filtered documents of the WARC and a store holding every image URL (status ok).
 
     Returns (filtered parquet, store dir, extracted pages)."""
-    from pipeline.filter import run_filter
+    from m3w.pipeline.filter import run_filter
 
     docs = list(iter_warc_documents(warc, ExtractConfig(), Counter()))
     write_parquet_atomic(

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from model_step import mfu_field, step_flops  # noqa: E402
 
-from model import Flamingo, build_preset  # noqa: E402
-from pipeline.tokenizer import tokenizer_fingerprint  # noqa: E402
-from trainer import toydata  # noqa: E402
-from trainer.config import DatasetConfig, TrainConfig, paper_datasets  # noqa: E402
-from trainer.data import build_streams  # noqa: E402
-from trainer.train import DistEnv, accumulate_gradients, build_optimizer, clip_gradients, step_plan  # noqa: E402
+from m3w.model import Flamingo, build_preset  # noqa: E402
+from m3w.pipeline.tokenizer import tokenizer_fingerprint  # noqa: E402
+from m3w.trainer import toydata  # noqa: E402
+from m3w.trainer.config import DatasetConfig, TrainConfig, paper_datasets  # noqa: E402
+from m3w.trainer.data import build_streams  # noqa: E402
+from m3w.trainer.train import DistEnv, accumulate_gradients, build_optimizer, clip_gradients, step_plan  # noqa: E402
 
 WRITERS = {
     "m3w": toydata.write_interleaved,

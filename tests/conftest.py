@@ -36,7 +36,7 @@ def ray_address() -> Iterator[str]:
     subprocesses can join the same Ray with `--ray-address`."""
     import ray
 
-    from pipeline.ray_runner import init_ray
+    from m3w.pipeline.ray_runner import init_ray
 
     init_ray(num_cpus=2)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -169,7 +169,7 @@ def cc_crawl(tmp_path_factory, webcorpus, serve_dir) -> tuple[str, str, int]:
 @pytest.fixture(scope="session")
 def webcorpus_documents(tmp_path_factory, webcorpus, ray_address) -> Path:
     """Every webcorpus WARC through `run_extract`, once per session: the documents/ the filter tests read."""
-    from pipeline.extract import run_extract
+    from m3w.pipeline.extract import run_extract
 
     out = tmp_path_factory.mktemp("webcorpus_documents")
     summary = run_extract(

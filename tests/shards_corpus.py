@@ -76,9 +76,9 @@ def rewrite_image_urls(src_dir: Path, dst_dir: Path, base_url: str) -> None:
 
 
 def build_corpus(root: Path, webcorpus: Path, start_http_server) -> Corpus:
-    from pipeline.extract import run_extract
-    from pipeline.filter import run_filter
-    from pipeline.images import run_images
+    from m3w.pipeline.extract import run_extract
+    from m3w.pipeline.filter import run_filter
+    from m3w.pipeline.images import run_images
 
     documents = root / "documents"
     run_extract([str(webcorpus / "warc" / name) for name in WARCS], documents)

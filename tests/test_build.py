@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo.web import build_web
-from pipeline.build import Build, load_build_config
-from pipeline.manifest import Manifest
+from m3w.demo.web import build_web
+from m3w.pipeline.build import Build, load_build_config
+from m3w.pipeline.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
 def built(web, ray_address, tmp_path_factory):
     """The demo config run through the CLI, as a user runs it (joining the test session's Ray)."""
     out = tmp_path_factory.mktemp("corpus")
-    cmd = [sys.executable, "-m", "pipeline.cli", "build", str(ROOT / "configs" / "demo.yaml")]
+    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "build", str(ROOT / "m3w" / "configs" / "demo.yaml")]
     for o in overrides(web, out, ray_address):
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ))
@@ -83,7 +83,7 @@ def test_shards_are_self_consistent(built):
     out, _ = built
     tars = sorted((out / "shards" / "m3w").glob("*.tar"))
     assert tars
-    from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer
+    from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer
 
     media_id = load_tokenizer().convert_tokens_to_ids(MEDIA_TOKEN)
     for key, files in samples(tars[0]).items():
@@ -98,7 +98,7 @@ def test_shards_are_self_consistent(built):
 
 def test_rerun_skips_finished_stages_and_a_change_reruns_downstream(built, web, ray_address):
     out, _ = built
-    config, base = load_build_config(ROOT / "configs" / "demo.yaml", overrides(web, out, ray_address))
+    config, base = load_build_config(ROOT / "m3w" / "configs" / "demo.yaml", overrides(web, out, ray_address))
     results = Build(config, base).run(log=lambda *_: None)
     assert [(r.stage, r.status) for r in results] == [
         ("extract", "skipped"),
@@ -108,7 +108,7 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_downstream(built, web, 
     ]
     before = {p.name: p.stat().st_mtime_ns for p in (out / "documents").glob("*.parquet")}
     changed = overrides(web, out, ray_address, "filter.options.paragraph.min_words=6")
-    config, base = load_build_config(ROOT / "configs" / "demo.yaml", changed)
+    config, base = load_build_config(ROOT / "m3w" / "configs" / "demo.yaml", changed)
     results = Build(config, base).run(log=lambda *_: None)
     assert [r.status for r in results] == ["skipped", "done", "done", "done"]
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "documents").glob("*.parquet")}
@@ -121,7 +121,7 @@ def test_failed_stage_stops_the_build_and_is_retried(web, ray_address, tmp_path)
     bad = overrides(
         web, out, ray_address, "extract.crawl=null", f"extract.inputs=[{tmp_path / 'missing.warc.gz'}]"
     )
-    config, base = load_build_config(ROOT / "configs" / "demo.yaml", bad)
+    config, base = load_build_config(ROOT / "m3w" / "configs" / "demo.yaml", bad)
     results = Build(config, base).run(log=lambda *_: None)
     assert [(r.stage, r.status) for r in results] == [("extract", "failed")]  # nothing downstream ran
     assert not (out / "filtered").exists()
@@ -132,15 +132,18 @@ def test_bad_config_is_a_clear_error(tmp_path):
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump({"extract": {"crawl": "CC-MAIN-2099-01", "limt": 2}}))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "build", str(path)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "m3w.pipeline.cli", "build", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode != 0 and "unknown config keys ['limt']" in proc.stderr
 
 
 def test_cc_config_has_the_demo_shape_without_loopback():
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cc = yaml.safe_load((ROOT / "configs" / "cc.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "m3w" / "configs" / "demo.yaml").read_text())
+    cc = yaml.safe_load((ROOT / "m3w" / "configs" / "cc.yaml").read_text())
     assert set(demo) == set(cc) and all(set(demo[k]) == set(cc[k]) for k in demo if isinstance(demo[k], dict))
     assert cc["images"]["allow_private"] is False and cc["extract"]["crawl"].startswith("CC-MAIN-")
-    config, _ = load_build_config(ROOT / "configs" / "cc.yaml", ["extract.limit=1"])
+    config, _ = load_build_config(ROOT / "m3w" / "configs" / "cc.yaml", ["extract.limit=1"])
     assert config.extract.limit == 1 and config.extract.cc_base_url == "https://data.commoncrawl.org/"

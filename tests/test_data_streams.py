@@ -13,10 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from trainer import toydata
-from trainer.config import DatasetConfig
-from trainer.data import IGNORE_INDEX, TokenizerMismatchError, build_streams, cut_to_limits, read_shard_set
+from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
+from m3w.trainer import toydata
+from m3w.trainer.config import DatasetConfig
+from m3w.trainer.data import (
+    IGNORE_INDEX,
+    TokenizerMismatchError,
+    build_streams,
+    cut_to_limits,
+    read_shard_set,
+)
 
 IMAGE_CONFIG = {"size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 
@@ -56,7 +62,7 @@ def take(stream, n: int) -> list[tuple[list[str], dict]]:
 
 
 def all_keys(path: Path) -> set[str]:
-    from pipeline.tario import iter_tar_samples
+    from m3w.pipeline.tario import iter_tar_samples
 
     return {key for tar in sorted(path.glob("*.tar")) for key, _ in iter_tar_samples(tar)}
 
@@ -153,7 +159,7 @@ def corrupt_copy(src: Path, dst: Path) -> tuple[set[str], list[str]]:
     Returns (keys with a broken JPEG, keys of the truncated shard in order)."""
     import tarfile
 
-    from pipeline.tario import iter_tar_samples
+    from m3w.pipeline.tario import iter_tar_samples
 
     shutil.copytree(src, dst)
     tars = sorted(dst.glob("*.tar"))
@@ -228,7 +234,7 @@ def test_missing_manifest_names_the_fix(tmp_path, tok):
 
 
 def test_image_decoding_matches_manual_normalisation(tmp_path, tok):
-    from trainer.data import decode_image
+    from m3w.trainer.data import decode_image
 
     img = Image.new("RGB", (50, 20), (255, 0, 128))
     buf = io.BytesIO()

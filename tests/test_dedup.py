@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.docs import iter_documents
-from pipeline.filter import EXCLUDED_DIR, run_filter
-from pipeline.filters import FilterConfig
-from pipeline.filters.signals import minhash_signature
-from schemas.documents import DOCUMENT_SCHEMA
+from m3w.pipeline.config import load_config
+from m3w.pipeline.docs import iter_documents
+from m3w.pipeline.filter import EXCLUDED_DIR, run_filter
+from m3w.pipeline.filters import FilterConfig
+from m3w.pipeline.filters.signals import minhash_signature
+from m3w.schemas.documents import DOCUMENT_SCHEMA
 
 K = 10
 # Only dedup: the quality filters are off so that every drop here is a dedup decision.

@@ -18,7 +18,7 @@ import torch
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from PIL import Image
 
-from demo.web import COLOURS, CRAWL, build_web
+from m3w.demo.web import COLOURS, CRAWL, build_web
 
 BASE = "http://127.0.0.1:8765"
 
@@ -165,8 +165,8 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
 
-    from demo.lm import document_texts, pretrain_lm
-    from schemas.documents import DOCUMENT_SCHEMA
+    from m3w.demo.lm import document_texts, pretrain_lm
+    from m3w.schemas.documents import DOCUMENT_SCHEMA
 
     text = "The picture shows three red circles on the left. The shapes are red."
     node = {"kind": "text", "node_index": 0, "text": text, "block": "paragraph"}
@@ -178,7 +178,7 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
     assert document_texts(tmp_path) == [text] * 4
     lm_dir = pretrain_lm(tmp_path, tmp_path / "lm-out", steps=30, seq_len=16, batch=4, lr=1e-2)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
-    from pipeline.tokenizer import load_tokenizer
+    from m3w.pipeline.tokenizer import load_tokenizer
 
     ids = torch.tensor([load_tokenizer()(text, add_special_tokens=False)["input_ids"]])
     assert lm(input_ids=ids, labels=ids).loss.item() < 2.0  # it learned the text (random init: ~9)

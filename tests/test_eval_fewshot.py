@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from demo.web import COLOURS, write_eval_sets
-from pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
-from trainer.fewshot.data import Example, load_coco_captions, load_image_folder, load_task_data, load_vqa
-from trainer.fewshot.metrics import accuracy, cider_d, normalize_vqa_answer, tokenize_caption, vqa_accuracy
-from trainer.fewshot.prompts import DEFAULT_PROMPTS, build_prompt
-from trainer.fewshot.selection import random_support, rices_order, rices_support
+from m3w.demo.web import COLOURS, write_eval_sets
+from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
+from m3w.trainer.fewshot.data import Example, load_coco_captions, load_image_folder, load_task_data, load_vqa
+from m3w.trainer.fewshot.metrics import (
+    accuracy,
+    cider_d,
+    normalize_vqa_answer,
+    tokenize_caption,
+    vqa_accuracy,
+)
+from m3w.trainer.fewshot.prompts import DEFAULT_PROMPTS, build_prompt
+from m3w.trainer.fewshot.selection import random_support, rices_order, rices_support
 
 
 def ex(i: int, answers=("a cat",), question=None) -> Example:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.docs import iter_documents, to_jsonl_record
-from pipeline.extract import ExtractConfig, iter_warc_documents, run_extract, unit_id
-from pipeline.manifest import Manifest
-from pipeline.warc import resolve_inputs
-from schemas.documents import METADATA_KEY, SCHEMA_VERSION
+from m3w.pipeline.docs import iter_documents, to_jsonl_record
+from m3w.pipeline.extract import ExtractConfig, iter_warc_documents, run_extract, unit_id
+from m3w.pipeline.manifest import Manifest
+from m3w.pipeline.warc import resolve_inputs
+from m3w.schemas.documents import METADATA_KEY, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBCORPUS_PAGES = 1329  # HTML responses (any status) in webcorpus/warc/*.warc.gz
@@ -29,7 +29,7 @@ PAGE_SKIPS = ("skip.http_status", "skip.empty", "skip.too_large", "skip.undecoda
 
 
 def m3w(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "m3w.pipeline.cli", *args]
 
 
 def cli_env() -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 import urllib3
 from conftest import Route
 
-from pipeline.fetch import FetchConfig, SafeFetcher, address_refusal, safe_fetch
+from m3w.pipeline.fetch import FetchConfig, SafeFetcher, address_refusal, safe_fetch
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "webcorpus" / "photos" / "sklearn_china.jpg"
 

@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.docs import document_text, iter_documents
-from pipeline.filter import EXCLUDED_DIR, MEASURES, run_filter
-from pipeline.filters import FilterConfig
-from pipeline.filters.lang import identify
-from pipeline.stats import format_funnel, funnel
-from schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, SCHEMA_VERSION, check_version
+from m3w.pipeline.config import load_config
+from m3w.pipeline.docs import document_text, iter_documents
+from m3w.pipeline.filter import EXCLUDED_DIR, MEASURES, run_filter
+from m3w.pipeline.filters import FilterConfig
+from m3w.pipeline.filters.lang import identify
+from m3w.pipeline.stats import format_funnel, funnel
+from m3w.schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, SCHEMA_VERSION, check_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,7 +258,7 @@ def test_bad_input_is_a_counted_decision(tmp_path, ray_address):
 def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_address):
     docs = _small_docs(webcorpus_documents, tmp_path / "docs", prefixes=("cleaneval_dev",))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.cli"]
+    cmd = [sys.executable, "-m", "m3w.pipeline.cli"]
     run = subprocess.run(
         [
             *cmd,
@@ -267,7 +267,7 @@ def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_a
             "--out",
             str(out),
             "--config",
-            str(ROOT / "configs" / "filters.yaml"),
+            str(ROOT / "m3w" / "configs" / "filters.yaml"),
             "--set",
             "paragraph.min_words=5",
             "--workers",

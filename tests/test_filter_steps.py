@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.dedup import DedupDecisions
-from pipeline.filter import DocumentFilter
-from pipeline.filters import (
+from m3w.pipeline.config import load_config
+from m3w.pipeline.dedup import DedupDecisions
+from m3w.pipeline.filter import DocumentFilter
+from m3w.pipeline.filters import (
     FilterConfig,
     ImageItem,
     check_caption_text,
@@ -26,8 +26,8 @@ from pipeline.filters import (
     paragraph_steps,
     run_steps,
 )
-from pipeline.filters.signals import document_signals, signals_table
-from pipeline.filters.text import flagged_words, stopwords, text_stats
+from m3w.pipeline.filters.signals import document_signals, signals_table
+from m3w.pipeline.filters.text import flagged_words, stopwords, text_stats
 
 CONFIG = FilterConfig()
 
@@ -67,10 +67,10 @@ def stats(text: str, lang: str = "en"):
 
 def test_config_loads_yaml_with_obelics_defaults_and_overrides():
     config = load_config(
-        FilterConfig, "configs/filters.yaml", ["paragraph.min_words=5", "document.languages=[en, de]"]
+        FilterConfig, "m3w/configs/filters.yaml", ["paragraph.min_words=5", "document.languages=[en, de]"]
     )
     assert config.paragraph.min_words == 5 and config.document.languages == ["en", "de"]
-    assert load_config(FilterConfig, "configs/filters.yaml") == FilterConfig()
+    assert load_config(FilterConfig, "m3w/configs/filters.yaml") == FilterConfig()
     d = FilterConfig()
     assert (d.image.min_side, d.image.max_side, d.image.max_aspect_ratio) == (150, 20000, 2.0)
     assert (d.paragraph.min_words, d.paragraph.max_words, d.paragraph.min_stopword_ratio) == (4, 1000, 0.3)

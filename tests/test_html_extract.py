@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.html_extract import (
+from m3w.pipeline.html_extract import (
     PageOptions,
     PageSkip,
     decode_html,

@@ -23,12 +23,12 @@ from conftest import ROOT, Route
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from PIL import Image
 
-from pipeline.filters import FilterConfig, check_image_size
-from pipeline.images import ImagesConfig, decode_and_resize, iter_input_urls, resize, run_images
-from pipeline.imagestore import ImageStore
-from pipeline.manifest import Manifest
-from schemas import documents as doc_spec
-from schemas import images as spec
+from m3w.pipeline.filters import FilterConfig, check_image_size
+from m3w.pipeline.images import ImagesConfig, decode_and_resize, iter_input_urls, resize, run_images
+from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.manifest import Manifest
+from m3w.schemas import documents as doc_spec
+from m3w.schemas import images as spec
 
 
 def photo_files(webcorpus: Path) -> list[Path]:
@@ -341,7 +341,7 @@ def test_kill_mid_run_then_rerun_keeps_every_url_once(webcorpus, serve_routes, r
     urls = [f"{base}/k/{i}.img" for i in range(n)]
     url_file = write_urls(tmp_path / "urls.txt", urls)
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "pipeline.cli", "images", str(url_file), "--store", str(store),
+    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "images", str(url_file), "--store", str(store),
            "--allow-private", "--workers", "1", "--ray-address", ray_address,
            "--set", f"urls_per_unit={per_unit}", "--set", "threads_per_task=2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -11,11 +11,11 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from pipeline.imagestore import ImageStore
-from pipeline.inspect import inspect_cmd, render_inspect
-from pipeline.shards import ShardsConfig, run_m3w_shards
-from pipeline.tario import iter_tar_samples
-from pipeline.tokenizer import EOC_TOKEN
+from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.inspect import inspect_cmd, render_inspect
+from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
+from m3w.pipeline.tario import iter_tar_samples
+from m3w.pipeline.tokenizer import EOC_TOKEN
 
 
 class PageParser(HTMLParser):

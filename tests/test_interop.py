@@ -7,11 +7,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.filter import run_filter
-from pipeline.imagestore import ImageStore
-from pipeline.interop import export_obelics, run_import
-from pipeline.shards import ShardsConfig, run_m3w_shards
-from schemas.documents import SCHEMA_VERSION, check_version
+from m3w.pipeline.filter import run_filter
+from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.interop import export_obelics, run_import
+from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
+from m3w.schemas.documents import SCHEMA_VERSION, check_version
 
 OBELICS_COLUMNS = {"images", "metadata", "general_metadata", "texts"}
 NODE_FIELDS = ("kind", "text", "url", "alt", "title", "figcaption", "width", "height")

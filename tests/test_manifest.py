@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.manifest import Manifest
+from m3w.pipeline.manifest import Manifest
 
 
 def test_torn_last_line_from_a_killed_writer_loses_no_later_entry(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from model import Flamingo, FlamingoConfig, build_preset
-from model.presets import LMShape, VisionShape, write_random_parts
+from m3w.model import Flamingo, FlamingoConfig, build_preset
+from m3w.model.presets import LMShape, VisionShape, write_random_parts
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox"]
 SIZE = 32  # tiny preset image size
@@ -571,7 +571,7 @@ def test_inductor_training_step_matches_eager(opened):
 
 
 def test_cli_info_prints_parameter_counts(tiny):
-    from pipeline.cli import main
+    from m3w.pipeline.cli import main
 
     result = CliRunner().invoke(main, ["model", "info", "--preset", "tiny"])
     assert result.exit_code == 0, result.output
@@ -613,31 +613,31 @@ def test_bench_script_reports_step_time():
 def test_linear_cross_entropy_over_many_chunks(monkeypatch):
     """Several chunks with a ragged last one, ignored targets scattered among them, a biased head, a new row that
     replaces a head column, two beyond it and a pad id without a row: loss and gradients equal the full path."""
-    import model.loss
+    import m3w.model.loss
 
-    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", (1, 1))  # the minimum: CHUNK_ALIGN rows per chunk
+    monkeypatch.setattr(m3w.model.loss, "CHUNK_ELEMENTS", (1, 1))  # the minimum: CHUNK_ALIGN rows per chunk
     generator = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50).requires_grad_(False)
     hidden = torch.randn(300, 16, generator=generator, requires_grad=True)
     rows = torch.randn(3, 16, generator=generator, requires_grad=True)
     row_ids, vocab_size = torch.tensor([5, 50, 51]), 53  # id 52: a pad id with no row
     targets = torch.randint(0, 52, (300,), generator=generator)
-    targets[::7] = model.loss.IGNORE_INDEX
+    targets[::7] = m3w.model.loss.IGNORE_INDEX
     targets[1:40:9] = 5
     targets[2:40:9] = 51
-    assert len(targets) > 4 * model.loss.CHUNK_ALIGN
+    assert len(targets) > 4 * m3w.model.loss.CHUNK_ALIGN
 
-    fused = model.loss.linear_cross_entropy(hidden, head, rows, row_ids, vocab_size, targets)
+    fused = m3w.model.loss.linear_cross_entropy(hidden, head, rows, row_ids, vocab_size, targets)
     fused_grads = torch.autograd.grad(fused, (hidden, rows))
     logits = torch.nn.functional.pad(head(hidden), (0, vocab_size - 50), value=torch.finfo(torch.float32).min)
     logits = logits.index_copy(-1, row_ids, hidden @ rows.T)
-    full = torch.nn.functional.cross_entropy(logits, targets, ignore_index=model.loss.IGNORE_INDEX)
+    full = torch.nn.functional.cross_entropy(logits, targets, ignore_index=m3w.model.loss.IGNORE_INDEX)
     full_grads = torch.autograd.grad(full, (hidden, rows))
 
     assert fused.item() == pytest.approx(full.item(), rel=1e-6)
     for got, want in zip(fused_grads, full_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    ignored = targets == model.loss.IGNORE_INDEX
+    ignored = targets == m3w.model.loss.IGNORE_INDEX
     assert ignored.sum() > 30 and not fused_grads[0][ignored].any()
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.imagestore import ImageStore
-from pipeline.shards import ShardsConfig, run_m3w_shards
-from pipeline.tario import iter_tar_samples
-from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from pipeline.windows import WindowConfig, decode
-from schemas import shards as spec
+from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
+from m3w.pipeline.tario import iter_tar_samples
+from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
+from m3w.pipeline.windows import WindowConfig, decode
+from m3w.schemas import shards as spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Several shards from a small corpus; two random windows per document (paper: one) for more samples.
@@ -119,9 +119,9 @@ def test_manifest_lists_every_shard_with_its_counts(m3w_out):
 def test_one_and_two_workers_give_byte_identical_shards(m3w_out, shards_corpus, tmp_path, ray_address):
     """The second run goes through the CLI in a subprocess that joins the same Ray with 2 workers."""
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "pipeline.cli", "shards", "m3w", str(shards_corpus.filtered),
+    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "shards", "m3w", str(shards_corpus.filtered),
            "--images", str(shards_corpus.store), "--out", str(out), "--workers", "2",
-           "--ray-address", ray_address, "--config", str(ROOT / "configs" / "shards.yaml"),
+           "--ray-address", ray_address, "--config", str(ROOT / "m3w" / "configs" / "shards.yaml"),
            "--set", f"shard_max_samples={CONFIG.shard_max_samples}", "--set", "windows.windows_per_doc=2"]  # fmt: skip
     result = subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}
@@ -199,7 +199,7 @@ def test_shard_size_in_bytes_and_seed_change(shards_corpus, m3w_out, tmp_path, r
 
 
 def test_any_tokenizer_is_recorded_in_samples_and_manifest(shards_corpus, tmp_path, ray_address):
-    from pipeline.tokenizer_cli import train_tokenizer
+    from m3w.pipeline.tokenizer_cli import train_tokenizer
 
     texts = [n["text"] for p in sorted(shards_corpus.filtered.glob("*.parquet"))
              for d in pq.read_table(p).to_pylist() for n in d["nodes"] if n["kind"] == "text"]  # fmt: skip

@@ -7,12 +7,12 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.filters import FilterConfig, check_caption_text
-from pipeline.imagestore import ImageStore
-from pipeline.shards import ShardsConfig, run_pair_shards
-from pipeline.tario import iter_tar_samples
-from pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
-from schemas import shards as spec
+from m3w.pipeline.filters import FilterConfig, check_caption_text
+from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.shards import ShardsConfig, run_pair_shards
+from m3w.pipeline.tario import iter_tar_samples
+from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
+from m3w.schemas import shards as spec
 
 
 @pytest.fixture(scope="module")

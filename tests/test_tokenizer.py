@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.tokenizer import (
+from m3w.pipeline.tokenizer import (
     DEFAULT_TOKENIZER,
     EOC_TOKEN,
     MEDIA_TOKEN,
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from pipeline.tokenizer_cli import iter_page_texts, tokenizer_group, train_tokenizer, warc_files
+from m3w.pipeline.tokenizer_cli import iter_page_texts, tokenizer_group, train_tokenizer, warc_files
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
-from model import Flamingo, build_preset
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
-from trainer import toydata
-from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.config import DatasetConfig, OptimConfig, load_train_config
-from trainer.data import build_streams
-from trainer.train import DistEnv, accumulate_gradients, lr_factor, param_groups, step_plan
+from m3w.model import Flamingo, build_preset
+from m3w.pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from m3w.trainer import toydata
+from m3w.trainer.checkpoint import list_checkpoints, load_checkpoint
+from m3w.trainer.config import DatasetConfig, OptimConfig, load_train_config
+from m3w.trainer.data import build_streams
+from m3w.trainer.train import DistEnv, accumulate_gradients, lr_factor, param_groups, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
-    from model import FlamingoConfig
+    from m3w.model import FlamingoConfig
 
     return Flamingo.from_config(FlamingoConfig(**yaml.safe_load((tiny_dir / "flamingo.yaml").read_text())))
 
@@ -193,13 +193,13 @@ def test_config_yaml_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys"):
         load_train_config(path, ["optim.learning_rate=1"])
     for shipped in ("train_tiny.yaml", "train_compact.yaml"):
-        cfg = load_train_config(ROOT / "configs" / shipped)
+        cfg = load_train_config(ROOT / "m3w" / "configs" / shipped)
         assert cfg.datasets["m3w"].weight == 1.0 and cfg.datasets["video_pairs"].weight == 0.03
         assert cfg.datasets["alt_pairs"].weight == cfg.datasets["caption_pairs"].weight == 0.2
 
 
 def run_train(config: Path, *args: str, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trainer.cli", str(config), *args]
+    cmd = [sys.executable, "-m", "m3w.trainer.cli", str(config), *args]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
     )
@@ -281,7 +281,7 @@ def test_ddp_and_fsdp_two_gloo_processes_match_one_process_with_double_batch(tin
             tmp_path / f"{mode}.yaml", tiny_dir, output, dsets(1), steps=steps, distributed=mode
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        cmd += ["-m", "trainer.cli", str(config)]
+        cmd += ["-m", "m3w.trainer.cli", str(config)]
         result = subprocess.run(cmd, cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         b = metrics(output)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from model import Flamingo, build_preset
-from pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from trainer import toydata
-from trainer.config import DatasetConfig
-from trainer.data import build_streams
+from m3w.model import Flamingo, build_preset
+from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
+from m3w.trainer import toydata
+from m3w.trainer.config import DatasetConfig
+from m3w.trainer.data import build_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -68,7 +68,7 @@ def test_it_learns_and_uses_the_images(webcorpus, tmp_path):
         },
     }
     (tmp_path / "learn.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "trainer.cli", str(tmp_path / "learn.yaml")]
+    cmd = [sys.executable, "-m", "m3w.trainer.cli", str(tmp_path / "learn.yaml")]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=1700)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import ShardsConfig, run_video_shards
-from pipeline.tario import iter_tar_samples
-from pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
-from pipeline.video import sample_frames
+from m3w.pipeline.shards import ShardsConfig, run_video_shards
+from m3w.pipeline.tario import iter_tar_samples
+from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
+from m3w.pipeline.video import sample_frames
 
 FPS = 10
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
-from pipeline.windows import WindowConfig, decode, document_sequence, make_windows, window_starts
+from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
+from m3w.pipeline.windows import WindowConfig, decode, document_sequence, make_windows, window_starts
 
 
 @pytest.fixture(scope="module")

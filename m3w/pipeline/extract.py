@@ -1,0 +1,212 @@
+"""`m3w extract`: WARC files → `documents/` (one parquet file per WARC, DOCUMENT_SCHEMA) + `_manifest.jsonl`.
+
+One Ray task per WARC. Each task streams the WARC's HTML responses, turns every page into a document
+(`m3w.pipeline.html_extract`), and writes row groups as it goes into a temp file renamed into place at the end, so
+memory stays flat whatever the WARC size and a killed job leaves no partial output. Every page that yields no
+document is counted under `skip.<reason>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+
+from m3w.pipeline.config import from_dict, load_config, to_dict
+from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html, extract_page
+from m3w.pipeline.io import atomic_path, stable_hash
+from m3w.pipeline.manifest import Manifest
+from m3w.pipeline.ray_runner import RunSummary, Unit, run_units
+from m3w.pipeline.warc import DEFAULT_CC_BASE_URL, iter_html_records, open_input, resolve_inputs, warc_size
+
+STAGE = "extract"
+
+
+@dataclass
+class ExtractConfig:
+    page: PageOptions = field(default_factory=PageOptions)
+    rows_per_group: int = 500  # documents buffered before a parquet row group is written (bounds memory)
+
+
+def unit_id(warc_path: str) -> str:
+    """Stable, collision-free unit name: the WARC's basename plus a short hash of the path as given."""
+    name = re.sub(r"\.(warc|arc)(\.gz|\.zst|\.lz4)?$", "", warc_path.rstrip("/").rsplit("/", 1)[-1])
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120] or "warc"
+    return f"{name}-{hashlib.sha1(warc_path.encode()).hexdigest()[:8]}"
+
+
+def doc_id(warc_path: str, record_id: str) -> str:
+    return hashlib.sha1(f"{warc_path}\n{record_id}".encode()).hexdigest()
+
+
+def iter_warc_documents(warc_path: str, config: ExtractConfig, counts: Counter) -> Iterator[dict[str, Any]]:
+    """Documents (DOCUMENT_SCHEMA rows) of one WARC, in record order; skips are counted into `counts`.
+
+    Raises only if the WARC cannot be opened at all (the unit then fails and is retried on the next run).
+    """
+    options = config.page
+    size = warc_size(warc_path)
+    with open_input(warc_path) as stream:
+        for record in iter_html_records(stream, counts, options.max_html_bytes):
+            if record.length is None and size is not None:
+                record.length = size - record.offset
+            if record.body_truncated:
+                counts["skip.too_large"] += 1
+                continue
+            try:
+                html, charset = decode_html(record.body, record.charset, options.max_replacement_ratio)
+                page = extract_page(html, record.url, options)
+            except PageSkip as skip:
+                counts[f"skip.{skip.reason}"] += 1
+                continue
+            except Exception:  # noqa: BLE001 - one unparseable page must not cost the other pages of the WARC
+                counts["skip.extract_error"] += 1
+                continue
+            counts.update({f"image_drop.{k}": v for k, v in page.image_drops.items()})
+            if not page.nodes:
+                counts["skip.empty"] += 1
+                continue
+            kinds = Counter(n["kind"] for n in page.nodes)
+            counts["documents"] += 1
+            counts["text_nodes"] += kinds["text"]
+            counts["image_nodes"] += kinds["image"]
+            counts["video_nodes"] += kinds["video"]
+            counts["html_bytes"] += len(record.body)
+            yield {
+                "doc_id": doc_id(warc_path, record.record_id),
+                "url": record.url,
+                "domain": urlsplit(record.url).hostname,
+                "fetch_date": record.date,
+                "warc_path": warc_path,
+                "warc_record_id": record.record_id,
+                "warc_offset": record.offset,
+                "warc_length": record.length,
+                "title": page.title,
+                "lang_html": page.lang,
+                "charset": charset,
+                "og_image": page.og_image,
+                "html_bytes": len(record.body),
+                "nodes": page.nodes,
+            }
+
+
+def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, int]]:
+    """Ray task: one WARC → `<out_dir>/<unit>.parquet`, written atomically. Returns (relpath, counts)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3w.schemas.documents import DOCUMENT_SCHEMA
+
+    warc_path, out_dir, config_dict = args
+    config = from_dict(ExtractConfig, config_dict)
+    relpath = f"{unit_id(warc_path)}.parquet"
+    counts: Counter = Counter()
+    with atomic_path(Path(out_dir) / relpath) as tmp:
+        with pq.ParquetWriter(tmp, DOCUMENT_SCHEMA, compression="zstd") as writer:
+            rows: list[dict[str, Any]] = []
+            for row in iter_warc_documents(warc_path, config, counts):
+                rows.append(row)
+                if len(rows) >= config.rows_per_group:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA))
+                    rows = []
+            if rows or not counts["documents"]:
+                writer.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA))
+    return relpath, dict(counts)
+
+
+def run_extract(
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    *,
+    crawl: str | None = None,
+    limit: int | None = None,
+    cc_base_url: str = DEFAULT_CC_BASE_URL,
+    config: ExtractConfig | None = None,
+) -> RunSummary:
+    """Extract every WARC named by `inputs` / `crawl` into `out_dir`. Done WARCs are skipped, failed ones retried."""
+    config = config or ExtractConfig()
+    warcs = resolve_inputs(inputs, crawl=crawl, limit=limit, cc_base_url=cc_base_url)
+    if not warcs:
+        raise click.UsageError("no input WARCs (give paths, globs, URLs, a paths file, or --crawl)")
+    config_dict = to_dict(config)
+    manifest = Manifest(out_dir, STAGE, stable_hash(config_dict))
+    units = [Unit(unit_id(w), (w, str(out_dir), config_dict)) for w in warcs]
+    if len({u.id for u in units}) != len(units):
+        raise ValueError("two inputs map to the same unit name")  # only possible with a hash collision
+    return run_units(
+        extract_unit,
+        units,
+        manifest,
+        workers=workers,
+        ray_address=ray_address,
+        desc=STAGE,
+        rate_key="documents",
+    )
+
+
+def _print_summary(summary: RunSummary, out_dir: str) -> None:
+    counts = summary.counts
+    click.echo(
+        f"extract: {summary.done} WARCs done, {summary.skipped} already done, {summary.failed} failed "
+        f"in {summary.seconds:.1f}s → {out_dir}"
+    )
+    for key in sorted(counts):
+        click.echo(f"  {key:<28} {counts[key]:>12,}")
+    for unit, error in summary.failures.items():
+        click.echo(f"  FAILED {unit}: {error.splitlines()[0]}", err=True)
+
+
+@click.command("extract")
+@click.argument("inputs", nargs=-1)
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output documents/ dir."
+)
+@click.option(
+    "--workers", type=int, default=None, help="Parallel WARCs (default: all CPUs of the Ray cluster)."
+)
+@click.option(
+    "--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)."
+)
+@click.option("--crawl", default=None, help="Common Crawl id, e.g. CC-MAIN-2024-22: read its warc.paths.gz.")
+@click.option("--limit", type=int, default=None, help="Only the first N WARCs.")
+@click.option("--cc-base-url", default=DEFAULT_CC_BASE_URL, show_default=True, envvar="M3W_CC_BASE_URL")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML ExtractConfig."
+)
+@click.option("--set", "overrides", multiple=True, help="Config override, e.g. page.max_html_bytes=2000000.")
+def extract_cmd(
+    inputs: tuple[str, ...],
+    out_dir: str,
+    workers: int | None,
+    ray_address: str | None,
+    crawl: str | None,
+    limit: int | None,
+    cc_base_url: str,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Extract interleaved documents from WARC files (paths, globs, URLs, warc.paths.gz files, or --crawl)."""
+    config = load_config(ExtractConfig, config_path, list(overrides))
+    summary = run_extract(
+        inputs,
+        out_dir,
+        workers,
+        ray_address,
+        crawl=crawl,
+        limit=limit,
+        cc_base_url=cc_base_url,
+        config=config,
+    )
+    _print_summary(summary, out_dir)
+    if summary.failed:
+        sys.exit(1)
