@@ -161,13 +161,15 @@ def run_img2dataset(
     return seconds, ok, rss.peak_kb / 1024
 
 
-def run_ours(url_file: Path, store: Path, workers: int, threads: int) -> tuple[float, int, float, dict]:
+def run_ours(
+    url_file: Path, store: Path, workers: int, threads: int, server: str
+) -> tuple[float, int, float, dict]:
     from m3w.pipeline.images import ImagesConfig, run_images
 
     shutil.rmtree(store, ignore_errors=True)
     config = ImagesConfig(threads_per_task=threads)
     with RssSampler(ray_workers_and_self) as rss:
-        summary = run_images([url_file], store, config, workers=workers, allow_private=True)
+        summary = run_images([url_file], store, config, workers=workers, allow_hosts=[server])
     return summary.seconds, summary.statuses.get("ok", 0), rss.peak_kb / 1024, summary.statuses
 
 
@@ -202,7 +204,7 @@ def main() -> None:
         init_ray(num_cpus=args.workers)
         print(f"ray start: {time.monotonic() - start:.1f}s (not counted: a cluster is already up)")
         ours_s, ours_ok, ours_rss, statuses = run_ours(
-            url_file, args.out / "store", args.workers, args.threads
+            url_file, args.out / "store", args.workers, args.threads, f"127.0.0.1:{port}"
         )
         print(
             f"ours: {ours_ok}/{len(names)} ok in {ours_s:.1f}s, peak RSS {ours_rss:.0f} MB, statuses {statuses}"

@@ -88,7 +88,7 @@ def build_corpus(root: Path, webcorpus: Path, start_http_server) -> Corpus:
         filtered = root / "filtered"
         rewrite_image_urls(root / "filter_out", filtered, base_url)
         store = root / "images"
-        run_images([filtered], store, allow_private=True)
+        run_images([filtered], store, allow_hosts=[base_url.removeprefix("http://")])
     finally:
         server.shutdown()
         server.server_close()

@@ -144,6 +144,6 @@ def test_cc_config_has_the_demo_shape_without_loopback():
     demo = yaml.safe_load((ROOT / "m3w" / "configs" / "demo.yaml").read_text())
     cc = yaml.safe_load((ROOT / "m3w" / "configs" / "cc.yaml").read_text())
     assert set(demo) == set(cc) and all(set(demo[k]) == set(cc[k]) for k in demo if isinstance(demo[k], dict))
-    assert cc["images"]["allow_private"] is False and cc["extract"]["crawl"].startswith("CC-MAIN-")
+    assert cc["images"]["allow_hosts"] == [] and cc["extract"]["crawl"].startswith("CC-MAIN-")
     config, _ = load_build_config(ROOT / "m3w" / "configs" / "cc.yaml", ["extract.limit=1"])
     assert config.extract.limit == 1 and config.extract.cc_base_url == "https://data.commoncrawl.org/"

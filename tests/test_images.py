@@ -74,6 +74,11 @@ def small_config(**overrides) -> ImagesConfig:
     return config
 
 
+def admit(base: str) -> list[str]:
+    """The allow-list entry of a test server: its own address and port, nothing else."""
+    return [base.removeprefix("http://")]
+
+
 def write_urls(path: Path, urls: list[str]) -> Path:
     path.write_text("".join(f"{u}\n" for u in urls))
     return path
@@ -208,7 +213,7 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
     store_dir = tmp_path / "store"
     config = small_config()
 
-    summary = run_images([url_file], store_dir, config, ray_address=ray_address, allow_private=True)
+    summary = run_images([url_file], store_dir, config, ray_address=ray_address, allow_hosts=admit(base))
     assert summary.urls == len(urls) and summary.fetched == len(urls) and summary.units_failed == 0
     store = ImageStore(store_dir)
     rows = store.lookup(urls)
@@ -266,13 +271,13 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
 
     # A re-run fetches nothing with a final status; the 5xx and the timeout get their bounded second attempt.
     before = Counter(hits)
-    again = run_images([url_file], store_dir, config, ray_address=ray_address, allow_private=True)
+    again = run_images([url_file], store_dir, config, ray_address=ray_address, allow_hosts=admit(base))
     assert again.already_final == len(urls) - 2 and again.fetched == 2
     assert Counter(hits) - before == Counter({"/500.jpg": 1, "/slow.jpg": 1})
     assert store.lookup([f"{base}/500.jpg"])[f"{base}/500.jpg"]["attempts"] == 2
     # ... and then they are out of attempts: a third run fetches nothing at all.
     before = Counter(hits)
-    third = run_images([url_file], store_dir, config, ray_address=ray_address, allow_private=True)
+    third = run_images([url_file], store_dir, config, ray_address=ray_address, allow_hosts=admit(base))
     assert (third.fetched, third.retries_exhausted) == (0, 2) and Counter(hits) == before
     assert len(store.table()) == len(urls)  # every URL exactly once in the merged index
 
@@ -285,7 +290,7 @@ def test_warc_images_all_decode_without_filters(webcorpus, corpus_server, ray_ad
     config = small_config(resize_mode="pad", min_side=1)
     config.filters.image.enabled = False
     run_images([write_urls(tmp_path / "u.txt", urls)], tmp_path / "store", config, ray_address=ray_address,
-               allow_private=True)  # fmt: skip
+               allow_hosts=admit(base))  # fmt: skip
     rows = ImageStore(tmp_path / "store").lookup(urls)
     statuses = Counter(row["status"] for row in rows.values())
     assert statuses == {"ok": len(records) - 3, "not_an_image": 3}, statuses
@@ -325,7 +330,7 @@ def test_filtered_documents_input(webcorpus, corpus_server, ray_address, tmp_pat
     )
     assert sorted(iter_input_urls([filtered])) == sorted(f"{base}/photos/{n}" for n in names)
     summary = run_images(
-        [filtered], tmp_path / "store", small_config(), ray_address=ray_address, allow_private=True
+        [filtered], tmp_path / "store", small_config(), ray_address=ray_address, allow_hosts=admit(base)
     )
     assert summary.fetched == 4 and hits["/404.jpg"] == 0
 
@@ -342,7 +347,7 @@ def test_kill_mid_run_then_rerun_keeps_every_url_once(webcorpus, serve_routes, r
     url_file = write_urls(tmp_path / "urls.txt", urls)
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "m3w.pipeline.cli", "images", str(url_file), "--store", str(store),
-           "--allow-private", "--workers", "1", "--ray-address", ray_address,
+           "--allow-host", admit(base)[0], "--workers", "1", "--ray-address", ray_address,
            "--set", f"urls_per_unit={per_unit}", "--set", "threads_per_task=2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -88,7 +88,8 @@ def test_video_shards_from_urls_and_paths(clips, tmp_path, serve_dir, ray_addres
     out = tmp_path / "out"
     config = ShardsConfig()
     config.video.rows_per_unit = 2
-    result = run_video_shards(table, out, config, allow_private=True, workers=2, ray_address=ray_address)
+    allow = [base.removeprefix("http://")]
+    result = run_video_shards(table, out, config, allow_hosts=allow, workers=2, ray_address=ray_address)
     assert result["totals"]["samples"] == 2 and result["totals"]["images"] == 16
     counts = result["unit_counts"]
     assert counts["skip.decode_error"] == 1 and counts["skip.missing_file"] == 1
@@ -111,7 +112,7 @@ def test_video_shards_from_urls_and_paths(clips, tmp_path, serve_dir, ray_addres
 
     # Same table, same config: byte-identical shards (one worker this time).
     again = tmp_path / "again"
-    run_video_shards(table, again, config, allow_private=True, workers=1, ray_address=ray_address)
+    run_video_shards(table, again, config, allow_hosts=allow, workers=1, ray_address=ray_address)
     assert (out / "video_pairs" / "video_pairs-000000.tar").read_bytes() == (
         again / "video_pairs" / "video_pairs-000000.tar"
     ).read_bytes()

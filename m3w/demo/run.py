@@ -331,6 +331,7 @@ def main() -> None:
         # 2. the pipeline, through `m3w build`
         steps.run("build", M3W + ["build", str(CONFIGS_DIR / "demo.yaml"), "--set", f"out={corpus}",
                                   "--set", f"extract.cc_base_url={base_url}/",
+                                  "--set", f"images.allow_hosts=[{base_url.removeprefix('http://')}]",
                                   "--set", f"shards.video_table={web_dir / web['videos']}"])  # fmt: skip
     finally:
         server.shutdown()

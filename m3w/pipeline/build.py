@@ -53,7 +53,8 @@ class FilterSettings(StageSettings):
 
 @dataclass
 class ImagesSettings(StageSettings):
-    allow_private: bool = False  # loopback/private hosts: only for local mirrors and the demo
+    # Private addresses admitted (IP[:PORT] or CIDR[:PORT]), for images and videos: local mirrors and the demo.
+    allow_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Build:
             stage_config(ImagesConfig, s, self.base),
             self.config.workers,
             self.config.ray_address,
-            allow_private=s.allow_private,
+            allow_hosts=s.allow_hosts,
         )
         counts = {"urls": summary.urls, "fetched": summary.fetched, "already_final": summary.already_final}
         counts.update({f"status.{k}": v for k, v in summary.statuses.items()})
@@ -198,7 +199,7 @@ class Build:
                 s.video_table,
                 self.dirs["shards"],
                 config,
-                allow_private=self.config.images.allow_private,
+                allow_hosts=self.config.images.allow_hosts,
                 **common,
             )
         counts = {f"{name}.{k}": v for name, r in results.items() for k, v in r["totals"].items()}

@@ -23,8 +23,7 @@ import json
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m3w.pipeline.config import load_config, to_dict
 from m3w.pipeline.docs import document_files
-from m3w.pipeline.fetch import FetchConfig, SafeFetcher
+from m3w.pipeline.fetch import FetchConfig, shared_fetcher
 from m3w.pipeline.filters import FilterConfig, check_image_size
 from m3w.pipeline.imagestore import ImageStore, is_final
 from m3w.pipeline.io import stable_hash
@@ -205,7 +204,7 @@ class _Worker:
     def __init__(self, store: ImageStore, config: ImagesConfig) -> None:
         self.store = store
         self.config = config
-        self.fetcher = SafeFetcher(config.fetch)
+        self.fetcher = shared_fetcher(config.fetch)
         # The same bytes under several URLs (logos, CDN mirrors) are decoded once per task.
         self._by_sha: dict[str, Decoded | ImageError] = {}
         self._lock = threading.Lock()
@@ -213,7 +212,7 @@ class _Worker:
     def process(self, url: str, attempts_before: int) -> dict[str, Any]:
         row: dict[str, Any] = {"url": url, "attempts": attempts_before + 1, "status": "ok"}
         try:
-            data = self._download(url, row)
+            data = self._download(url, row, tries=max(1, self.config.max_attempts - attempts_before))
             row["original_bytes"] = len(data)
             row["sha256"] = sha = hashlib.sha256(data).hexdigest()
             with self._lock:
@@ -238,10 +237,11 @@ class _Worker:
         row["fetched_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return row
 
-    def _download(self, url: str, row: dict[str, Any]) -> bytes:
+    def _download(self, url: str, row: dict[str, Any], tries: int) -> bytes:
         if url.startswith("data:"):
             return decode_data_uri(url, self.config.fetch.max_bytes)
-        result = self.fetcher.fetch(url)
+        result = self.fetcher.fetch(url, tries=tries)  # transient failures retried now, within max_attempts
+        row["attempts"] += result.attempts - 1
         row["http_status"] = result.http_status
         if not result.ok or result.content is None:
             raise ImageError(result.status, result.error or "empty response")
@@ -260,9 +260,10 @@ def fetch_chunk(args: ChunkArgs) -> tuple[str, dict[str, int]]:
     """Ray task: fetch one chunk of URLs and write its index file. Returns (index relpath, counts)."""
     store = ImageStore(args.store_dir)
     worker = _Worker(store, args.config)
-    threads = max(1, min(args.config.threads_per_task, len(args.urls)))
-    with worker.fetcher, ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
-        rows = list(pool.map(lambda item: worker.process(*item), args.urls))
+    # Results come back as they complete; a URL of a busy or rate-limited host never holds a thread that others
+    # could use (per-host limits are per process: the fetcher is shared by the tasks a Ray worker runs).
+    rows = list(worker.fetcher.map_polite(lambda item: worker.process(*item), args.urls, url_of=lambda item: item[0],
+                                          threads=args.config.threads_per_task))  # fmt: skip
     relpath = store.write_index(args.name, rows)
     counts = Counter(f"status.{row['status']}" for row in rows)
     counts["images"] = len(rows)
@@ -369,12 +370,15 @@ def run_images(
     config: ImagesConfig | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
-    allow_private: bool = False,
+    allow_hosts: Sequence[str] = (),
 ) -> ImagesSummary:
-    """Fetch every not-yet-final image URL of `inputs` into the store at `store_dir`."""
+    """Fetch every not-yet-final image URL of `inputs` into the store at `store_dir`. `allow_hosts` adds
+    private addresses to `config.fetch.allow_hosts` (e.g. `127.0.0.1:8000` for a local mirror)."""
     config = config or ImagesConfig()
-    if allow_private:
-        config = replace(config, fetch=replace(config.fetch, allow_private=True))
+    if allow_hosts:
+        config = replace(
+            config, fetch=replace(config.fetch, allow_hosts=[*config.fetch.allow_hosts, *allow_hosts])
+        )
     store_path = Path(store_dir)
     store_path.mkdir(parents=True, exist_ok=True)
     urls = sorted(set(iter_input_urls(inputs)))
@@ -405,7 +409,13 @@ def run_images(
 @click.command("images")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--store", required=True, type=click.Path(), help="Image store directory (created if missing).")
-@click.option("--allow-private", is_flag=True, help="Allow loopback/private hosts (tests, intranet mirrors).")
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="IP[:PORT]|CIDR[:PORT]",
+    help="Admit this private address (repeatable), e.g. 127.0.0.1:8000 for a local mirror.",
+)
 @click.option("--workers", type=int, default=None, help="Ray tasks in flight (default: CPUs).")
 @click.option("--ray-address", default=None, help="Ray cluster address (default: local Ray).")
 @click.option("--config", "config_path", type=click.Path(exists=True), help="ImagesConfig YAML.")
@@ -413,7 +423,7 @@ def run_images(
 def images_cmd(
     inputs: tuple[str, ...],
     store: str,
-    allow_private: bool,
+    allow_hosts: tuple[str, ...],
     workers: int | None,
     ray_address: str | None,
     config_path: str | None,
@@ -422,7 +432,7 @@ def images_cmd(
     """Fetch, validate and resize the image URLs of INPUT... (filtered/ dirs or URL lists) into --store."""
     config = load_config(ImagesConfig, config_path, list(overrides))
     summary = run_images(inputs, store, config, workers=workers, ray_address=ray_address,
-                         allow_private=allow_private)  # fmt: skip
+                         allow_hosts=allow_hosts)  # fmt: skip
     click.echo(f"{summary.urls} URLs: {summary.already_final} already final, {summary.retries_exhausted} out of "
                f"retries, {summary.fetched} fetched in {summary.seconds:.1f}s "
                f"({summary.images_per_s:.1f} images/s)")  # fmt: skip

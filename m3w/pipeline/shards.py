@@ -16,7 +16,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,7 +405,7 @@ def video_unit(args: dict) -> tuple[str, dict[str, int]]:
     vc = config.video
     tok, tok_info = cached_tokenizer(config.tokenizer)
     specials = special_strings(tok)
-    fetch_config = FetchConfig(allow_private=args["allow_private"], max_bytes=vc.max_video_bytes)
+    fetch_config = FetchConfig(allow_hosts=list(args["allow_hosts"]), max_bytes=vc.max_video_bytes)
     counts: Counter = Counter()
     with atomic_open(args["part"], "w") as out:
         for row in args["rows"]:
@@ -590,7 +590,7 @@ def run_video_shards(
     out: str | Path,
     config: ShardsConfig | None = None,
     *,
-    allow_private: bool = False,
+    allow_hosts: Sequence[str] = (),
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict:
@@ -602,7 +602,7 @@ def run_video_shards(
     step = config.video.rows_per_unit
     units = [
         (f"rows-{i:08d}-{stable_hash(rows[i : i + step], 8)}",
-         {"rows": rows[i : i + step], "frames_dir": str(frames_dir), "allow_private": allow_private})
+         {"rows": rows[i : i + step], "frames_dir": str(frames_dir), "allow_hosts": list(allow_hosts)})
         for i in range(0, len(rows), step)
     ]  # fmt: skip
     plan = DatasetPlan("video_pairs", "video_pairs", functools.partial(_read_store_blob, str(frames_dir)))
@@ -685,13 +685,19 @@ def pairs_cmd(inputs, store, config_path, overrides, tokenizer, workers, ray_add
 
 @shards_group.command("video")
 @click.argument("table", type=click.Path(exists=True))
-@click.option("--allow-private", is_flag=True, help="Allow video URLs on loopback/private networks.")
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="IP[:PORT]|CIDR[:PORT]",
+    help="Admit video URLs on this private address (repeatable), e.g. 127.0.0.1:8000.",
+)
 @_common_options
-def video_cmd(table, allow_private, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
+def video_cmd(table, allow_hosts, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
     """A CSV/JSONL table of (video URL or path, caption) → video-text pair shards in OUT/video_pairs/."""
     config = _load(config_path, overrides, tokenizer)
     try:
-        result = run_video_shards(table, out, config, allow_private=allow_private, workers=workers,
+        result = run_video_shards(table, out, config, allow_hosts=allow_hosts, workers=workers,
                                   ray_address=ray_address)  # fmt: skip
     except ValueError as exc:  # a malformed table: say which row, no traceback
         raise click.UsageError(str(exc)) from exc
