@@ -14,16 +14,53 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+TEMP_PREFIX = ".tmp-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, which races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(final: Path) -> tuple[int, str]:
+    """An open temp file (fd, path) next to `final`, with the mode `open()` would give `final` (0666 less the
+    umask) rather than mkstemp's owner-only 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def remove_temp_files(directory: str | Path) -> int:
+    """Delete the `.tmp-*` files that killed writers left under `directory` (call it before a run starts
+    writing there: a stage has one writer per output directory). Returns how many went."""
+    removed = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temp path next to `final`; rename it into place only if the block succeeds.
 
-    Readers never see a partial file, and a killed writer leaves only a `.tmp-*` file that the next run ignores.
+    Readers never see a partial file; a killed writer leaves a `.tmp-*` file that the next run removes.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    fd, tmp = temp_file(final)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from m3w.pipeline.io import remove_temp_files
 from m3w.pipeline.manifest import Manifest
 
 
@@ -104,6 +105,7 @@ def run_units(
         summary.seconds = time.monotonic() - start
         return summary
 
+    remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
     init_ray(ray_address)
     workers = max(1, workers or int(ray.available_resources().get("CPU", 1)))
     options: dict[str, Any] = {"num_cpus": num_cpus_per_task, "max_retries": 0}

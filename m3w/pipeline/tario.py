@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from m3w.pipeline.io import temp_file
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; a real date keeps `tar tv` readable
 TAR_FORMAT = tarfile.GNU_FORMAT
@@ -97,7 +98,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        fd, self._tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=self.out_dir)
+        fd, self._tmp = temp_file(self.out_dir / name)
         self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=TAR_FORMAT)
         self._current = ShardInfo(name)
