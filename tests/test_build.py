@@ -39,6 +39,7 @@ def overrides(web, out: Path, ray_address: str, *extra: str) -> list[str]:
         f"out={out}",
         f"ray_address={ray_address}",
         f"extract.cc_base_url={base_url}/",
+        f"images.allow_hosts=[{base_url.removeprefix('http://')}]",  # the demo web's server, nothing else
         f"shards.video_table={root / 'videos.jsonl'}",
         *extra,
     ]
