@@ -3,6 +3,7 @@ with tiny random Hugging Face models saved to a temp dir (nothing is downloaded)
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -246,3 +247,52 @@ def test_nsfw_scores_any_classifier_and_drops_by_threshold(photos, tiny_classifi
     config.nsfw.labels = ["porn"]  # this classifier has no such label: one clear error, not silent zeros
     with pytest.raises(ValueError, match="none of its labels"):
         ImageFilters(config).score_models(rows[:1], [photos[rows[0]["url"]][0]], [None])
+
+
+# ----------------------------------------------------------------------------------- the images stage
+
+
+def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetching(
+    webcorpus, photos, serve_routes, ray_address, tmp_path, tiny_classifier
+) -> None:
+    from conftest import Route
+
+    from m3w.pipeline.images import run_images
+    from m3w.pipeline.imagestore import ImageStore
+    from m3w.pipeline.shards import stored_images
+    from m3w.pipeline.stats import format_funnel, funnel
+
+    names = ["sklearn_china.jpg", "skimage_clock_motion.png", "skimage_page.png", "skimage_coffee.png"]
+    china = Image.open(webcorpus / "photos" / "sklearn_china.jpg")
+    routes = {f"/{n}": Route((webcorpus / "photos" / n).read_bytes()) for n in names}
+    routes["/china-copy.jpg"] = Route(jpeg_bytes(china.resize((320, 213)), quality=60))  # resized, re-encoded
+    base, hits = serve_routes(routes)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{base}{path}\n" for path in routes))
+    store = tmp_path / "store"
+    config = ImagesConfig()
+    config.filters.image.enabled = False  # the size rules would drop the page (aspect 2.01): not under test
+    nsfw = config.image_filters.nsfw
+    nsfw.enabled, nsfw.model, nsfw.max_score = True, str(tiny_classifier), None  # scores only, at first
+    run = functools.partial(run_images, [urls], store, ray_address=ray_address, allow_hosts=[base[7:]])
+
+    first = run(config)
+    assert first.statuses == {"ok": 5} and first.filter_drops == {} and first.units_failed == 0, first
+    rows = ImageStore(store).lookup([f"{base}{p}" for p in routes])
+    for row in rows.values():
+        assert row["phash"] is not None and row["blur"] > 0 and 0 <= row["text_share"] <= 1
+        assert 0 <= row["nsfw_score"] <= 1 and row["nsfw_model"] == str(tiny_classifier)
+        assert row["clip_similarity"] is None  # the step is off
+    copy, original = rows[f"{base}/china-copy.jpg"], rows[f"{base}/sklearn_china.jpg"]
+    assert hamming(copy["phash"], original["phash"]) <= config.image_filters.phash.max_distance
+
+    config.image_filters.blur.min_laplacian_variance, config.image_filters.text.max_text_share = 20.0, 0.4
+    fetched_before = sum(hits.values())
+    second = run(config)
+    assert second.fetched == 0 and sum(hits.values()) == fetched_before  # nothing fetched, nothing re-scored
+    assert second.filter_drops == {"image.blur": 1, "image.text_share": 1}, second.filter_drops
+    docs = [{"nodes": [{"kind": "image", "url": f"{base}{p}"} for p in routes]}]
+    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes} - {
+        f"{base}/skimage_clock_motion.png", f"{base}/skimage_page.png"}  # fmt: skip
+    table = format_funnel(funnel([store]))
+    assert "image.blur" in table and "image.text_share" in table, table

@@ -38,11 +38,16 @@ from m3w.pipeline.config import load_config, to_dict
 from m3w.pipeline.docs import document_files
 from m3w.pipeline.fetch import FetchConfig, shared_fetcher
 from m3w.pipeline.filters import FilterConfig, check_image_size
+from m3w.pipeline.image_filters import ImageFilters, ImageFiltersConfig
+from m3w.pipeline.image_filters.replay import STAGE as IMAGE_FILTERS_STAGE
+from m3w.pipeline.image_filters.replay import run_image_filters
 from m3w.pipeline.imagestore import ImageStore, is_final
 from m3w.pipeline.io import stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
+from m3w.pipeline.stats import current_totals
 from m3w.schemas import documents as doc_spec
+from m3w.schemas.images import IMAGE_FILTERS_FILE
 
 RESIZE_MODES = ("center_crop", "pad", "keep_ratio")
 RESAMPLE_FILTERS = {
@@ -68,6 +73,7 @@ class ImagesConfig:
     threads_per_task: int = 32  # concurrent fetches inside one task
     fetch: FetchConfig = field(default_factory=FetchConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    image_filters: ImageFiltersConfig = field(default_factory=ImageFiltersConfig)  # scores in the index
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -103,6 +109,7 @@ class Decoded:
     jpeg: bytes
     resized_width: int
     resized_height: int
+    scores: dict[str, Any] = field(default_factory=dict)  # the image filters' cheap signals (index columns)
 
 
 def _draft_size(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
@@ -205,6 +212,8 @@ class _Worker:
         self.store = store
         self.config = config
         self.fetcher = shared_fetcher(config.fetch)
+        self.filters = ImageFilters(config.image_filters)
+        self._for_models: dict[str, bytes] = {}  # url → stored JPEG, until the model steps score its batch
         # The same bytes under several URLs (logos, CDN mirrors) are decoded once per task.
         self._by_sha: dict[str, Decoded | ImageError] = {}
         self._lock = threading.Lock()
@@ -220,6 +229,7 @@ class _Worker:
             if outcome is None:
                 try:
                     outcome = decode_and_resize(data, self.config)
+                    outcome.scores = self.filters.signals(outcome.jpeg)
                 except ImageError as exc:
                     outcome = exc
                 with self._lock:
@@ -228,7 +238,10 @@ class _Worker:
                 raise outcome
             row.update(original_width=outcome.width, original_height=outcome.height,
                        original_format=outcome.format, resized_width=outcome.resized_width,
-                       resized_height=outcome.resized_height)  # fmt: skip
+                       resized_height=outcome.resized_height, **outcome.scores)  # fmt: skip
+            if self.filters.uses_models:
+                with self._lock:
+                    self._for_models[url] = outcome.jpeg
             row["resized_sha256"] = self.store.write_blob(outcome.jpeg)
         except ImageError as exc:
             row["status"], row["error_message"] = exc.status, str(exc)[:1000]
@@ -247,6 +260,12 @@ class _Worker:
             raise ImageError(result.status, result.error or "empty response")
         return result.content  # the bytes decide what it is, not the Content-Type (often wrong both ways)
 
+    def score_models(self, rows: list[dict[str, Any]]) -> None:
+        """The model steps on a batch of stored images (run on the task's thread, batched for the GPU)."""
+        with self._lock:
+            jpegs = [self._for_models.pop(row["url"]) for row in rows]
+        self.filters.score_models(rows, jpegs, [None] * len(rows))
+
 
 @dataclass(frozen=True)
 class ChunkArgs:
@@ -262,8 +281,17 @@ def fetch_chunk(args: ChunkArgs) -> tuple[str, dict[str, int]]:
     worker = _Worker(store, args.config)
     # Results come back as they complete; a URL of a busy or rate-limited host never holds a thread that others
     # could use (per-host limits are per process: the fetcher is shared by the tasks a Ray worker runs).
-    rows = list(worker.fetcher.map_polite(lambda item: worker.process(*item), args.urls, url_of=lambda item: item[0],
-                                          threads=args.config.threads_per_task))  # fmt: skip
+    rows, batch = [], []
+    for row in worker.fetcher.map_polite(lambda item: worker.process(*item), args.urls, url_of=lambda item: item[0],
+                                         threads=args.config.threads_per_task):  # fmt: skip
+        rows.append(row)
+        if worker.filters.uses_models and row["status"] == "ok":
+            batch.append(row)
+            if len(batch) >= worker.filters.batch_size:
+                worker.score_models(batch)
+                batch = []
+    if batch:
+        worker.score_models(batch)
     relpath = store.write_index(args.name, rows)
     counts = Counter(f"status.{row['status']}" for row in rows)
     counts["images"] = len(rows)
@@ -319,6 +347,7 @@ class ImagesSummary:
     units_failed: int
     seconds: float
     failures: dict[str, str] = field(default_factory=dict)
+    filter_drops: dict[str, int] = field(default_factory=dict)  # stored images each image filter step drops
 
     @property
     def images_per_s(self) -> float:
@@ -399,11 +428,21 @@ def run_images(
         manifest = Manifest(store_path, "images", stable_hash(to_dict(config)))
         result = run_units(fetch_chunk, plan_units(pending, str(store_path), config), manifest,
                            workers=workers, ray_address=ray_address, desc="images", rate_key="images")  # fmt: skip
+        # Thresholds on the stored scores: counted per index file, re-counted only when a threshold changes.
+        decided = run_image_filters(store_path, config.image_filters, ImageStore(store_path).index_files(),
+                                    workers=workers, ray_address=ray_address)  # fmt: skip
+    filter_counts, _, _ = current_totals(Manifest(store_path, IMAGE_FILTERS_STAGE))
     statuses = {k.removeprefix("status."): v for k, v in result.counts.items() if k.startswith("status.")}
+    drops = {
+        k.removeprefix("drop.").removesuffix(".images"): v
+        for k, v in filter_counts.items()
+        if k.startswith("drop.")
+    }
     return ImagesSummary(store=str(store_path), urls=len(urls), already_final=final, retries_exhausted=exhausted,
                          fetched=result.counts["images"], statuses=dict(sorted(statuses.items())),
-                         units_done=result.done, units_failed=result.failed, seconds=result.seconds,
-                         failures=result.failures)  # fmt: skip
+                         units_done=result.done, units_failed=result.failed + decided.failed,
+                         seconds=result.seconds + decided.seconds, failures={**result.failures, **decided.failures},
+                         filter_drops=dict(sorted(drops.items())))  # fmt: skip
 
 
 @click.command("images")
@@ -438,6 +477,8 @@ def images_cmd(
                f"({summary.images_per_s:.1f} images/s)")  # fmt: skip
     for status, n in summary.statuses.items():
         click.echo(f"  {status:<16} {n}")
+    for step, n in summary.filter_drops.items():
+        click.echo(f"  dropped by {step}: {n} stored images (thresholds in {IMAGE_FILTERS_FILE})")
     for unit, error in summary.failures.items():
         click.echo(f"unit {unit} failed: {error.splitlines()[0]}", err=True)
     if summary.units_failed:

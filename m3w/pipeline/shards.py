@@ -136,15 +136,21 @@ def read_documents(path: str | Path) -> Iterator[dict]:
 
 
 def stored_images(docs: list[dict], store_root: str) -> dict[str, str]:
-    """url → blob key (resized sha256) of every image of `docs` that the store holds with status ok."""
+    """url → blob key (resized sha256) of every image of `docs` that the store holds with status ok and that
+    passes the store's image filter thresholds."""
+    from m3w.pipeline.image_filters.replay import store_filters
     from m3w.pipeline.imagestore import ImageStore
 
     urls = sorted({n["url"] for d in docs for n in d["nodes"] if n["kind"] == "image" and n.get("url")})
     rows = ImageStore(store_root).lookup(urls) if urls else {}
+    filters = store_filters(store_root)
     return {
         url: row["resized_sha256"]
         for url, row in rows.items()
-        if row and row.get("status") == STATUS_OK and row.get("resized_sha256")
+        if row
+        and row.get("status") == STATUS_OK
+        and row.get("resized_sha256")
+        and (filters is None or filters.verdict(row) is None)
     }
 
 

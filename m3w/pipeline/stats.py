@@ -53,8 +53,9 @@ def current_totals(manifest: Manifest) -> tuple[dict[str, int], int, int]:
 
 def _filter_order(names: set[str]) -> list[str]:
     from m3w.pipeline.filter import filter_names
+    from m3w.pipeline.image_filters import ROW_STEPS
 
-    known = filter_names()
+    known = [*filter_names(), *ROW_STEPS]
     return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
 
 

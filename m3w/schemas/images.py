@@ -11,6 +11,10 @@ Statuses follow img2dataset's convention (status + error_message + sizes + sha25
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pyarrow as pa
 
 SCHEMA_VERSION = "m3w.images/1"
@@ -50,9 +54,36 @@ IMAGE_INDEX_SCHEMA = pa.schema(
         pa.field("resized_width", pa.int32()),
         pa.field("resized_height", pa.int32()),
         pa.field("fetched_at", pa.string()),
+        # Image filter scores of the stored image (pipeline.image_filters; null: the step was off).
+        pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash of the luma, as a signed integer
+        pa.field("blur", pa.float32()),  # variance of the Laplacian of the luma (low: blurred or flat)
+        pa.field("text_share", pa.float32()),  # share of text/QR-code-like tiles, 0..1
+        pa.field("clip_similarity", pa.float32()),  # cosine similarity to the image's text on its page
+        pa.field("clip_model", pa.string()),
+        pa.field("nsfw_score", pa.float32()),  # NSFW probability, 0..1
+        pa.field("nsfw_model", pa.string()),
     ],
     metadata={b"m3w.schema_version": SCHEMA_VERSION.encode()},
 )
+
+
+# The image filter thresholds in force (an ImageFiltersConfig as JSON), written by each `m3w images` run; readers of
+# the store apply them to the index's scores.
+IMAGE_FILTERS_FILE = "_image_filters.json"
+
+
+def write_image_filters(root: str | Path, config: dict[str, Any]) -> None:
+    from m3w.pipeline.io import atomic_open
+
+    with atomic_open(Path(root) / IMAGE_FILTERS_FILE, "w") as f:
+        json.dump({"schema": SCHEMA_VERSION, "image_filters": config}, f, sort_keys=True, indent=1)
+
+
+def read_image_filters(root: str | Path) -> dict[str, Any] | None:
+    path = Path(root) / IMAGE_FILTERS_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["image_filters"]
 
 
 def blob_relpath(resized_sha256: str) -> str:

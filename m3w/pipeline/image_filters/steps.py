@@ -46,6 +46,15 @@ class ImageFilters:
         return self.config.clip.enabled or self.config.nsfw.enabled
 
     @property
+    def batch_size(self) -> int:
+        """Images to collect before running the model steps (each then batches by its own size)."""
+        return (
+            max(c.batch_size for c in (self.config.clip, self.config.nsfw) if c.enabled)
+            if self.uses_models
+            else 1
+        )
+
+    @property
     def uses_signals(self) -> bool:
         return self.config.phash.enabled or self.config.blur.enabled or self.config.text.enabled
 

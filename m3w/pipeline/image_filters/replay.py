@@ -1,0 +1,69 @@
+"""The image filters' decide step: thresholds applied to the scores stored in the image index.
+
+It runs at the end of every `m3w images` run, one task per index file, and counts what each step drops into the
+store's manifest (stage `image_filters`, keyed by the thresholds: a threshold change re-counts every file, a
+re-run with nothing changed counts only new files). It also records the thresholds in force in the store
+(`schemas.images.IMAGE_FILTERS_FILE`), which is what readers of the store (the shards stage) apply, so changing
+a threshold never re-fetches or re-scores an image: re-run `m3w images`, then the shards.
+
+An index row with status ok is final (never fetched again), so it is never superseded by a later attempt: counting
+the ok rows of each index file counts each stored image once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from m3w.pipeline.config import from_dict, to_dict
+from m3w.pipeline.image_filters.config import ImageFiltersConfig
+from m3w.pipeline.image_filters.steps import ImageFilters
+from m3w.pipeline.io import stable_hash
+from m3w.pipeline.manifest import Manifest
+from m3w.pipeline.ray_runner import RunSummary, Unit, run_units
+from m3w.schemas import images as spec
+
+STAGE = "image_filters"
+SCORE_COLUMNS = ["phash", "blur", "text_share", "clip_similarity", "clip_model", "nsfw_score", "nsfw_model"]
+
+
+@dataclass(frozen=True)
+class DecideArgs:
+    index_file: str
+    config: ImageFiltersConfig
+
+
+def decide_unit(args: DecideArgs) -> tuple[str, dict[str, int]]:
+    """Ray task: the funnel of one index file's stored images under the thresholds."""
+    table = pq.read_table(args.index_file, columns=["status", *SCORE_COLUMNS])
+    table = table.filter(pc.equal(table.column("status"), spec.STATUS_OK))
+    return Path(args.index_file).name, dict(ImageFilters(args.config).funnel(table.to_pylist()))
+
+
+def thresholds_hash(config: ImageFiltersConfig) -> str:
+    return stable_hash(to_dict(config))
+
+
+def run_image_filters(
+    store_dir: str | Path,
+    config: ImageFiltersConfig,
+    index_files: list[Path],
+    workers: int | None = None,
+    ray_address: str | None = None,
+) -> RunSummary:
+    """Count each step's drops over `index_files` of the store and record the thresholds in force."""
+    manifest = Manifest(store_dir, STAGE, thresholds_hash(config))
+    units = [Unit(path.name, DecideArgs(str(path), config)) for path in index_files]
+    summary = run_units(decide_unit, units, manifest, workers=workers, ray_address=ray_address, desc=STAGE)
+    spec.write_image_filters(store_dir, to_dict(config))
+    return summary
+
+
+def store_filters(store_dir: str | Path) -> ImageFilters | None:
+    """The thresholds the store's last `m3w images` run recorded, or None (a store from before filters)."""
+    recorded: dict[str, Any] | None = spec.read_image_filters(store_dir)
+    return None if recorded is None else ImageFilters(from_dict(ImageFiltersConfig, recorded))
