@@ -22,9 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # toydata: the toy shard sets of the tests
+
+import toydata  # noqa: E402
 
 from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from m3w.trainer import toydata  # noqa: E402
 from m3w.trainer.config import DatasetConfig  # noqa: E402
 from m3w.trainer.data import build_streams  # noqa: E402
 
@@ -48,8 +50,8 @@ def write_m3w(out: Path, tok, n: int, size: int = 320) -> Path:
 
 
 def measure(path: Path, tok, workers: int, seconds: float, size: int, batch: int) -> float:
-    cfg = DatasetConfig(path=str(path), batch_size=batch, seq_len=256, max_media=5, num_workers=workers,
-                        shuffle_buffer=500, prefetch_factor=4)  # fmt: skip
+    cfg = DatasetConfig(path=str(path), batch_size=batch, num_workers=workers, shuffle_buffer=500,
+                        prefetch_factor=4)  # fmt: skip
     image_config = {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3}
     media_id = tok.convert_tokens_to_ids(MEDIA_TOKEN)
     stream = build_streams({"m3w": cfg}, image_config, tok, tokenizer_fingerprint(tok), media_id, seed=0)[

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from m3w.pipeline.config import apply_overrides, from_dict  # noqa: E402
+from m3w.config import load_config  # noqa: E402
 from m3w.pipeline.extract import run_extract  # noqa: E402
 from m3w.pipeline.filter import run_filter  # noqa: E402
 from m3w.pipeline.filters import FilterConfig  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
         first = run_filter(docs, out, FilterConfig(), workers=args.workers, ray_address=args.ray_address)
         full_s = time.perf_counter() - start
 
-        changed = from_dict(FilterConfig, apply_overrides({}, list(change)))
+        changed = load_config(FilterConfig, overrides=change)
         start = time.perf_counter()
         replay = run_filter(docs, out, changed, workers=args.workers, ray_address=args.ray_address)
         replay_s = time.perf_counter() - start

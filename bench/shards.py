@@ -31,7 +31,7 @@ os.environ.setdefault(
 import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from m3w.pipeline.config import to_dict  # noqa: E402
+from m3w.config import to_dict  # noqa: E402
 from m3w.pipeline.extract import ExtractConfig, iter_warc_documents  # noqa: E402
 from m3w.pipeline.images import resize  # noqa: E402
 from m3w.pipeline.imagestore import ImageStore  # noqa: E402

@@ -23,13 +23,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # toydata: the toy shard sets of the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
+import toydata  # noqa: E402
 from model_step import mfu_field, step_flops  # noqa: E402
 
 from m3w.model import Flamingo, build_preset  # noqa: E402
 from m3w.pipeline.tokenizer import tokenizer_fingerprint  # noqa: E402
-from m3w.trainer import toydata  # noqa: E402
 from m3w.trainer.config import DatasetConfig, TrainConfig, paper_datasets  # noqa: E402
 from m3w.trainer.data import build_streams  # noqa: E402
 from m3w.trainer.train import DistEnv, accumulate_gradients, build_optimizer, clip_gradients, step_plan  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
         for name, ds in paper_datasets().items():
             path = Path(tmp) / name
             video = name == "video_pairs"  # T JPEGs per sample: fewer samples
-            kwargs = {"frames": ds.num_frames} if video else {}
+            kwargs = {"frames": 8} if video else {}  # paper: T = 8
             WRITERS[name](path, tok, args.samples // 4 if video else args.samples, size=320, **kwargs)
             ds.path, ds.num_workers = str(path), args.workers
             ds.batch_size = max(1, round({"m3w": 32, "video_pairs": 32}.get(name, 128) * scale))

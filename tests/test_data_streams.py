@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import toydata
 from PIL import Image
 
+from m3w.model.loss import IGNORE_INDEX
 from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from m3w.trainer import toydata
 from m3w.trainer.config import DatasetConfig
 from m3w.trainer.data import (
-    IGNORE_INDEX,
+    ShardLimitsMismatchError,
     TokenizerMismatchError,
     build_streams,
+    check_shard_sets,
     cut_to_limits,
     read_shard_set,
 )
@@ -69,13 +71,16 @@ def all_keys(path: Path) -> set[str]:
 
 def test_batch_layout_labels_and_normalisation(shards, tok):
     media_id, eoc_id = tok.convert_tokens_to_ids([MEDIA_TOKEN, EOC_TOKEN])
-    stream = streams_for(tok, {"m3w": ds(shards / "m3w", batch_size=6, seq_len=40, max_media=3)})["m3w"]
+    stream = streams_for(tok, {"m3w": ds(shards / "m3w", batch_size=6)})["m3w"]
+    shard_set = read_shard_set(str(shards / "m3w"))  # L, N and T: the shards' own
+    pre = stream.loader.dataset.spec.pre
+    assert (pre.seq_len, pre.max_media) == (shard_set.seq_len, shard_set.max_media)
     batch = stream.next_batch()
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     images, media_mask = batch["images"], batch["media_mask"]
-    assert ids.shape[0] == 6 and ids.shape[1] <= 40
+    assert ids.shape[0] == 6 and ids.shape[1] <= shard_set.seq_len
     assert images.shape[:3] == (6, media_mask.shape[1], 1) and images.shape[3:] == (3, 32, 32)
-    assert media_mask.shape[1] <= 3
+    assert media_mask.shape[1] <= shard_set.max_media == 5
     # one real media slot per <image> token, in every row
     assert torch.equal((ids == media_id).logical_and(mask.bool()).sum(1), media_mask.sum(1))
     # labels: pad and <image> ignored, <EOC> and text are targets
@@ -91,6 +96,24 @@ def test_batch_layout_labels_and_normalisation(shards, tok):
     assert np.allclose(corner, expected, atol=0.3), (corner, expected)  # JPEG noise
 
 
+def test_config_limits_must_match_the_shards(shards, tok):
+    """Issue 13, defect 4: a window length, image cap or frame count other than the shards' is an error that says
+    which, not a silent re-cut (and it is found before a model is built: check_shard_sets)."""
+    shard_set = read_shard_set(str(shards / "m3w"))
+    same = {"seq_len": shard_set.seq_len, "max_media": shard_set.max_media, "num_frames": 1}
+    streams_for(tok, {"m3w": ds(shards / "m3w", **same)})  # the same numbers, spelled out: fine
+    for key, value in (("seq_len", shard_set.seq_len - 8), ("max_media", 3), ("num_frames", 8)):
+        config = {"m3w": ds(shards / "m3w", **{key: value})}
+        with pytest.raises(
+            ShardLimitsMismatchError, match=rf"datasets\.m3w\.{key} is {value}, but the shards"
+        ):
+            check_shard_sets(config)
+        with pytest.raises(ShardLimitsMismatchError):
+            streams_for(tok, config)
+    video = read_shard_set(str(shards / "video"))
+    assert (video.num_frames, video.max_media) == (4, 1)
+
+
 def test_cut_to_limits_keeps_media_and_tokens_consistent():
     m = 7
     ids = [1, m, 2, 3, m, 4, m, 5, 6, m, 8]
@@ -100,7 +123,7 @@ def test_cut_to_limits_keeps_media_and_tokens_consistent():
 
 
 def test_video_batches_have_t_frames(shards, tok):
-    cfg = ds(shards / "video", batch_size=4, seq_len=32, max_media=1, num_frames=4)
+    cfg = ds(shards / "video", batch_size=4)
     batch = streams_for(tok, {"video": cfg})["video"].next_batch()
     assert batch["images"].shape == (4, 1, 4, 3, 32, 32)
     frames = batch["images"][0, 0]
@@ -140,7 +163,7 @@ def test_shuffle_is_seeded(shards, tok):
 def test_stream_resumes_exactly_from_its_state(shards, tok, resampled):
     """Consume 7 batches, checkpoint the stream, rebuild it from the state: the next batches are identical to
     those of the uninterrupted stream (2 workers, shuffle buffer on, across an epoch boundary)."""
-    cfg = ds(shards / "m3w", batch_size=4, resampled=resampled, num_workers=2, shuffle_buffer=16, seq_len=64)
+    cfg = ds(shards / "m3w", batch_size=4, resampled=resampled, num_workers=2, shuffle_buffer=16)
     straight = streams_for(tok, {"m3w": cfg})["m3w"]
     expected = take(straight, 14)
     first = streams_for(tok, {"m3w": cfg})["m3w"]
@@ -183,7 +206,7 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(shards, tok, tmp
     bad = tmp_path / "bad"
     broken, truncated = corrupt_copy(shards / "m3w", bad)
     assert broken
-    cfg = ds(bad, batch_size=1, resampled=False, seq_len=256)
+    cfg = ds(bad, batch_size=1, resampled=False)
     stream = streams_for(tok, {"m3w": cfg})["m3w"]
     keys = [k for ks, _ in take(stream, 80) for k in ks]  # 80 > one epoch's good samples: it wraps around
     assert stream.skipped["bad_shard"] >= 1

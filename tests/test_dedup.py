@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from m3w.pipeline.config import load_config
+from m3w.config import load_config
 from m3w.pipeline.docs import iter_documents
 from m3w.pipeline.filter import EXCLUDED_DIR, run_filter
 from m3w.pipeline.filters import FilterConfig

@@ -65,7 +65,7 @@ def test_eval_cli_writes_table_and_json(tiny, tmp_path):
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # a loaded shared CPU: one thread is faster than two fighting
     for task, extra in (("classification", ["--rices"]), ("vqa", ["--limit", "6", "--num-beams", "2"])):
-        cmd = [sys.executable, "-m", "m3w.pipeline.cli", "eval", "--model", str(model_dir), "--task", task,
+        cmd = [sys.executable, "-m", "m3w", "eval", "--model", str(model_dir), "--task", task,
                "--data", str(eval_root / task / "query"), "--support", str(eval_root / task / "support"),
                "--shots", "0,2", "--shuffle-images", "--out", str(out), *extra]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -96,7 +96,7 @@ def test_eval_rejects_bad_input(tiny, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(eval_root / "vqa" / "query", broken)
     (broken / "annotations.json").write_text(json.dumps({"annotations": []}))
-    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "eval", "--model", str(model_dir), "--task", "vqa",
+    cmd = [sys.executable, "-m", "m3w", "eval", "--model", str(model_dir), "--task", "vqa",
            "--data", str(broken), "--shots", "0"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "has no annotation" in proc.stderr

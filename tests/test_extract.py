@@ -29,7 +29,7 @@ PAGE_SKIPS = ("skip.http_status", "skip.empty", "skip.too_large", "skip.undecoda
 
 
 def m3w(*args: str) -> list[str]:
-    return [sys.executable, "-m", "m3w.pipeline.cli", *args]
+    return [sys.executable, "-m", "m3w", *args]
 
 
 def cli_env() -> dict[str, str]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from m3w.pipeline.config import load_config
+from m3w.config import load_config
 from m3w.pipeline.docs import document_text, iter_documents
 from m3w.pipeline.filter import EXCLUDED_DIR, MEASURES, run_filter
 from m3w.pipeline.filters import FilterConfig
@@ -258,7 +258,7 @@ def test_bad_input_is_a_counted_decision(tmp_path, ray_address):
 def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_address):
     docs = _small_docs(webcorpus_documents, tmp_path / "docs", prefixes=("cleaneval_dev",))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "m3w.pipeline.cli"]
+    cmd = [sys.executable, "-m", "m3w"]
     run = subprocess.run(
         [
             *cmd,
@@ -299,6 +299,6 @@ def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_a
         text=True,
         cwd=ROOT,
     )
-    assert bad.returncode == 2 and "unknown config keys" in bad.stderr
+    assert bad.returncode == 2 and "paragraph.nope: unknown key" in bad.stderr
     missing = subprocess.run([*cmd, "stats", str(docs / "..")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "_manifest.jsonl" in missing.stderr

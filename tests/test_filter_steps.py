@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from m3w.pipeline.config import load_config
+from m3w.config import load_config
 from m3w.pipeline.dedup import DedupDecisions
 from m3w.pipeline.filter import DocumentFilter
 from m3w.pipeline.filters import (
@@ -76,7 +76,7 @@ def test_config_loads_yaml_with_obelics_defaults_and_overrides():
     assert (d.paragraph.min_words, d.paragraph.max_words, d.paragraph.min_stopword_ratio) == (4, 1000, 0.3)
     assert (d.document.min_images, d.document.max_images, d.document.min_lang_score) == (1, 30, 0.8)
     assert d.dedup.image_url_max_docs == 10
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="paragraph.min_wrods: unknown key"):
         load_config(FilterConfig, None, ["paragraph.min_wrods=5"])
 
 
@@ -191,16 +191,16 @@ def test_image_url_and_alt_patterns():
 
 
 def test_check_image_size_contract_for_the_images_stage():
-    assert check_image_size(640, 480, "JPEG", CONFIG) == (True, "")
+    assert check_image_size(640, 480, "JPEG", CONFIG.image) == (True, "")
     assert (
-        check_image_size(640, 480, "GIF", CONFIG)[1]
+        check_image_size(640, 480, "GIF", CONFIG.image)[1]
         == "image.format: gif not in ['jpg', 'jpeg', 'png', 'webp']"
     )
-    assert check_image_size(100, 480, "png", CONFIG)[1].startswith("image.min_side: 100x480")
-    assert check_image_size(30000, 20000, "png", CONFIG)[1].startswith("image.max_side")
-    assert check_image_size(None, None, None, CONFIG) == (True, "")
+    assert check_image_size(100, 480, "png", CONFIG.image)[1].startswith("image.min_side: 100x480")
+    assert check_image_size(30000, 20000, "png", CONFIG.image)[1].startswith("image.max_side")
+    assert check_image_size(None, None, None, CONFIG.image) == (True, "")
     relaxed = load_config(FilterConfig, None, ["image.min_side=50"])
-    assert check_image_size(100, 100, "webp", relaxed) == (True, "")
+    assert check_image_size(100, 100, "webp", relaxed.image) == (True, "")
 
 
 def test_check_caption_text_contract_for_the_shards_stage():

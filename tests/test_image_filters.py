@@ -19,7 +19,7 @@ from m3w.pipeline.image_filters.signals import hamming, laplacian_variance, luma
 from m3w.pipeline.images import ImagesConfig, decode_and_resize
 
 STORED = ImagesConfig(min_side=1)  # what the images stage stores: 320×320 center crops, JPEG q95
-STORED.filters.image.enabled = False
+STORED.filters.enabled = False
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
@@ -271,7 +271,7 @@ def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetch
     urls.write_text("".join(f"{base}{path}\n" for path in routes))
     store = tmp_path / "store"
     config = ImagesConfig()
-    config.filters.image.enabled = False  # the size rules would drop the page (aspect 2.01): not under test
+    config.filters.enabled = False  # the size rules would drop the page (aspect 2.01): not under test
     nsfw = config.image_filters.nsfw
     nsfw.enabled, nsfw.model, nsfw.max_score = True, str(tiny_classifier), None  # scores only, at first
     run = functools.partial(run_images, [urls], store, ray_address=ray_address, allow_hosts=[base[7:]])

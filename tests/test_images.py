@@ -228,7 +228,9 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
             assert (row["original_width"], row["original_height"]) == original.size
             assert row["original_format"] == original.format.lower()
         assert row["sha256"] and row["original_bytes"] == path.stat().st_size and row["http_status"] == 200
-        want = "ok" if check_image_size(*original.size, original.format, FilterConfig())[0] else "filtered"
+        want = (
+            "ok" if check_image_size(*original.size, original.format, FilterConfig().image)[0] else "filtered"
+        )
         assert row["status"] == want, (path.name, row)
         if want == "ok":
             stored = Image.open(io.BytesIO(store.read_blob(row["resized_sha256"])))
@@ -251,7 +253,7 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
             continue
         with Image.open(io.BytesIO(body)) as original:
             assert (row["original_width"], row["original_height"]) == original.size
-            keep, reason = check_image_size(*original.size, original.format, FilterConfig())
+            keep, reason = check_image_size(*original.size, original.format, FilterConfig().image)
             if min(original.size) < config.min_side:  # tracking pixels and spacers
                 keep, reason = False, None
         want = "ok" if keep else "filtered" if reason else "too_small"
@@ -288,7 +290,7 @@ def test_warc_images_all_decode_without_filters(webcorpus, corpus_server, ray_ad
     base, _, _, records = corpus_server
     urls = [f"{base}/warc/{i}" for i in range(len(records))]
     config = small_config(resize_mode="pad", min_side=1)
-    config.filters.image.enabled = False
+    config.filters.enabled = False
     run_images([write_urls(tmp_path / "u.txt", urls)], tmp_path / "store", config, ray_address=ray_address,
                allow_hosts=admit(base))  # fmt: skip
     rows = ImageStore(tmp_path / "store").lookup(urls)
@@ -346,7 +348,7 @@ def test_kill_mid_run_then_rerun_keeps_every_url_once(webcorpus, serve_routes, r
     urls = [f"{base}/k/{i}.img" for i in range(n)]
     url_file = write_urls(tmp_path / "urls.txt", urls)
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "images", str(url_file), "--store", str(store),
+    cmd = [sys.executable, "-m", "m3w", "images", str(url_file), "--store", str(store),
            "--allow-host", admit(base)[0], "--workers", "1", "--ray-address", ray_address,
            "--set", f"urls_per_unit={per_unit}", "--set", "threads_per_task=2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -571,7 +571,7 @@ def test_inductor_training_step_matches_eager(opened):
 
 
 def test_cli_info_prints_parameter_counts(tiny):
-    from m3w.pipeline.cli import main
+    from m3w.cli import main
 
     result = CliRunner().invoke(main, ["model", "info", "--preset", "tiny"])
     assert result.exit_code == 0, result.output

@@ -119,7 +119,7 @@ def test_manifest_lists_every_shard_with_its_counts(m3w_out):
 def test_one_and_two_workers_give_byte_identical_shards(m3w_out, shards_corpus, tmp_path, ray_address):
     """The second run goes through the CLI in a subprocess that joins the same Ray with 2 workers."""
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "m3w.pipeline.cli", "shards", "m3w", str(shards_corpus.filtered),
+    cmd = [sys.executable, "-m", "m3w", "shards", "m3w", str(shards_corpus.filtered),
            "--images", str(shards_corpus.store), "--out", str(out), "--workers", "2",
            "--ray-address", ray_address, "--config", str(ROOT / "m3w" / "configs" / "shards.yaml"),
            "--set", f"shard_max_samples={CONFIG.shard_max_samples}", "--set", "windows.windows_per_doc=2"]  # fmt: skip

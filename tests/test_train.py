@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import toydata
 import yaml
 
+from m3w.config import load_config
 from m3w.model import Flamingo, build_preset
 from m3w.pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
-from m3w.trainer import toydata
 from m3w.trainer.checkpoint import list_checkpoints, load_checkpoint
-from m3w.trainer.config import DatasetConfig, OptimConfig, load_train_config
+from m3w.trainer.config import DatasetConfig, OptimConfig, TrainConfig
 from m3w.trainer.data import build_streams
 from m3w.trainer.train import DistEnv, accumulate_gradients, lr_factor, param_groups, step_plan
 
@@ -54,18 +55,12 @@ def data(tmp_path_factory) -> Path:
 
 def datasets(data: Path, **per) -> dict[str, dict]:
     base = {
-        "m3w": {"path": str(data / "m3w"), "weight": 1.0, "batch_size": 3, "seq_len": 64, "max_media": 3},
-        "caption_pairs": {"path": str(data / "shapes"), "weight": 0.2, "batch_size": 4, "seq_len": 32},
-        "video_pairs": {
-            "path": str(data / "video"),
-            "weight": 0.03,
-            "batch_size": 2,
-            "seq_len": 32,
-            "num_frames": 4,
-        },
+        "m3w": {"path": str(data / "m3w"), "weight": 1.0, "batch_size": 3},
+        "caption_pairs": {"path": str(data / "shapes"), "weight": 0.2, "batch_size": 4},
+        "video_pairs": {"path": str(data / "video"), "weight": 0.03, "batch_size": 2},
     }
     for name, cfg in base.items():
-        cfg.update({"max_media": cfg.get("max_media", 1), "num_workers": 0, **per.get(name, {})})
+        cfg.update({"num_workers": 0, **per.get(name, {})})
     return base
 
 
@@ -187,13 +182,15 @@ def test_schedule_warmup_then_cosine_or_linear():
 def test_config_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"datasets": {"m3w": {"path": "x", "batch_size": 2}}, "steps": 5}))
-    cfg = load_train_config(path, ["optim.lr=3e-4", "datasets.m3w.weight=0.5", "accumulation=round_robin"])
+    cfg = load_config(
+        TrainConfig, path, ["optim.lr=3e-4", "datasets.m3w.weight=0.5", "accumulation=round_robin"]
+    )
     assert cfg.optim.lr == 3e-4 and cfg.datasets["m3w"].weight == 0.5 and cfg.datasets["m3w"].batch_size == 2
     assert cfg.accumulation == "round_robin" and cfg.steps == 5
-    with pytest.raises(ValueError, match="unknown config keys"):
-        load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="optim.learning_rate: unknown key"):
+        load_config(TrainConfig, path, ["optim.learning_rate=1"])
     for shipped in ("train_tiny.yaml", "train_compact.yaml"):
-        cfg = load_train_config(ROOT / "m3w" / "configs" / shipped)
+        cfg = load_config(TrainConfig, ROOT / "m3w" / "configs" / shipped)
         assert cfg.datasets["m3w"].weight == 1.0 and cfg.datasets["video_pairs"].weight == 0.03
         assert cfg.datasets["alt_pairs"].weight == cfg.datasets["caption_pairs"].weight == 0.2
 

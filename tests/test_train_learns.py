@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import toydata
 import yaml
 
 from m3w.model import Flamingo, build_preset
 from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
-from m3w.trainer import toydata
 from m3w.trainer.config import DatasetConfig
 from m3w.trainer.data import build_streams
 
@@ -52,7 +52,7 @@ def test_it_learns_and_uses_the_images(webcorpus, tmp_path):
     toydata.write_photos(tmp_path / "photos", tok, photos, 400, size=32, seed=0, shard_size=200)
     toydata.write_shapes(tmp_path / "held_shapes", tok, 96, size=32, seed=99)
     toydata.write_photos(tmp_path / "held_photos", tok, photos, 64, size=32, seed=99)
-    pair = {"seq_len": 32, "max_media": 1, "num_workers": 1, "shuffle_buffer": 200}
+    pair = {"num_workers": 1, "shuffle_buffer": 200}
     output = tmp_path / "run"
     config = {
         "output_dir": str(output),
@@ -77,8 +77,6 @@ def test_it_learns_and_uses_the_images(webcorpus, tmp_path):
         name: DatasetConfig(
             path=str(tmp_path / name),
             batch_size=32,
-            seq_len=32,
-            max_media=1,
             num_workers=0,
             resampled=False,
             shuffle_buffer=0,

@@ -31,7 +31,7 @@ from m3w import CONFIGS_DIR
 from m3w.demo.web import build_web
 
 ROOT = Path(__file__).resolve().parents[2]
-M3W = [sys.executable, "-m", "m3w.pipeline.cli"]
+M3W = [sys.executable, "-m", "m3w"]
 # The demo's eval prompts: the wording the synthetic web uses for its pictures (see demo.web.DESCRIBE/DETAIL).
 EVAL_TASKS = {
     "classification": {"prompt": "The shapes are", "limit": None},
@@ -329,10 +329,12 @@ def main() -> None:
     print(f"[demo] web: {web['counts']['pages']} pages, {len(web['warcs'])} WARCs at {base_url}", flush=True)
     try:
         # 2. the pipeline, through `m3w build`
+        # 128-token M3W windows (paper: 256) halve the training step time of the 2-core demo
         steps.run("build", M3W + ["build", str(CONFIGS_DIR / "demo.yaml"), "--set", f"out={corpus}",
                                   "--set", f"extract.cc_base_url={base_url}/",
                                   "--set", f"images.allow_hosts=[{base_url.removeprefix('http://')}]",
-                                  "--set", f"shards.video_table={web_dir / web['videos']}"])  # fmt: skip
+                                  "--set", f"shards.video_table={web_dir / web['videos']}",
+                                  "--set", "shards.options.windows.seq_len=128"])  # fmt: skip
     finally:
         server.shutdown()
         server.server_close()
@@ -347,8 +349,7 @@ def main() -> None:
                               "--set", f"output_dir={run_dir}", "--set", f"steps={args.train_steps}",
                               "--set", f"optim.lr={args.lr}", "--set", "optim.warmup_steps=10",
                               "--set", f"checkpoint_every={args.train_steps}", "--set", "log_every=5",
-                              # 128-token M3W windows (paper: 256) halve the step time of the 2-core demo
-                              "--set", "datasets.m3w.seq_len=128", "--set", f"model.config.lm={out / 'lm' / 'lm'}",
+                              "--set", f"model.config.lm={out / 'lm' / 'lm'}",
                               *[x for d in ("m3w", "alt_pairs", "caption_pairs", "video_pairs")
                                 for x in ("--set", f"datasets.{d}.path={shards / d}")]])  # fmt: skip
 

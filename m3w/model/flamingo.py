@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from m3w.config import from_dict
 from m3w.model.config import FlamingoConfig
 from m3w.model.lm_adapter import NewTokenRows, attach_before_layers, decoder_layers, gated_layer_indices
 from m3w.model.loss import IGNORE_INDEX, linear_cross_entropy, plain_linear_head
@@ -125,7 +126,7 @@ class Flamingo(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config = FlamingoConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        config = from_dict(FlamingoConfig, json.loads((directory / CONFIG_FILE).read_text()), str(directory))
         model = cls.from_config(config, dtype=dtype)
         weights = load_file(str(directory / WEIGHTS_FILE))
         expected = {name for name, _ in model.trainable_parameters()}

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m3w import CONFIGS_DIR
+from m3w.config import load_config
 from m3w.model.config import FlamingoConfig
-from m3w.pipeline.config import load_config
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
-from m3w.pipeline.config import from_dict, load_config, to_dict
+from m3w.cli import stage_options
+from m3w.config import config_class, load_config, to_dict
 from m3w.pipeline.io import atomic_open, stable_hash
 from m3w.pipeline.manifest import Manifest
 
@@ -78,25 +78,13 @@ class BuildConfig:
 def load_build_config(path: str | Path, overrides: list[str] | None = None) -> tuple[BuildConfig, Path]:
     """The build config and its directory. Stage `config` files are relative to the build file (they ship
     together); data paths (out, inputs, video_table) are relative to the working directory, as on the CLI."""
-    return load_config(BuildConfig, path, overrides), Path(path).resolve().parent
+    return load_config(BuildConfig, path, overrides or []), Path(path).resolve().parent
 
 
-def stage_config(cls: type, settings: StageSettings, base: Path) -> Any:
-    """The stage's dataclass config: its YAML file (if any), then the inline options."""
-    data: dict[str, Any] = {}
-    if settings.config:
-        with open(base / settings.config, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    return from_dict(cls, _merge(data, settings.options))
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+def stage_config(stage: str, settings: StageSettings, base: Path) -> Any:
+    """The stage's dataclass config: defaults ← its YAML file (if any) ← the inline options."""
+    path = base / settings.config if settings.config else None
+    return load_config(config_class(stage), path, layers=[settings.options], where=f"{stage}.options")
 
 
 @dataclass
@@ -112,13 +100,15 @@ class Build:
     def __init__(self, config: BuildConfig, base: Path) -> None:
         self.config = config
         self.base = base
+        # Every stage's config is resolved (and checked) now, before any stage runs.
+        self.stage_configs = {stage: stage_config(stage, getattr(config, stage), base) for stage in STAGES}
         self.out = Path(config.out)
         self.dirs = {name: self.out / name for name in ("documents", "filtered", "images", "shards")}
         self.results: list[StageResult] = []
 
     # ---- per stage -------------------------------------------------------------------------------------------
     def extract(self) -> StageResult:
-        from m3w.pipeline.extract import ExtractConfig, run_extract
+        from m3w.pipeline.extract import run_extract
 
         s = self.config.extract
         summary = run_extract(
@@ -129,20 +119,18 @@ class Build:
             crawl=s.crawl,
             limit=s.limit,
             cc_base_url=s.cc_base_url,
-            config=stage_config(ExtractConfig, s, self.base),
+            config=self.stage_configs["extract"],
         )
         status = "failed" if summary.failed else "done"
         return StageResult("extract", status, summary.seconds, dict(summary.counts), summary.failures)
 
     def filter(self) -> StageResult:
         from m3w.pipeline.filter import run_filter
-        from m3w.pipeline.filters.config import FilterConfig
 
-        config = stage_config(FilterConfig, self.config.filter, self.base)
         summary = run_filter(
             self.dirs["documents"],
             self.dirs["filtered"],
-            config,
+            self.stage_configs["filter"],
             self.config.workers,
             self.config.ray_address,
         )
@@ -160,13 +148,13 @@ class Build:
         return [str(self.dirs["filtered"] / o) for o in outputs]
 
     def images(self) -> StageResult:
-        from m3w.pipeline.images import ImagesConfig, run_images
+        from m3w.pipeline.images import run_images
 
         s = self.config.images
         summary = run_images(
             self.kept_documents(),
             self.dirs["images"],
-            stage_config(ImagesConfig, s, self.base),
+            self.stage_configs["images"],
             self.config.workers,
             self.config.ray_address,
             allow_hosts=s.allow_hosts,
@@ -177,10 +165,10 @@ class Build:
         return StageResult("images", status, summary.seconds, counts, summary.failures)
 
     def shards(self) -> StageResult:
-        from m3w.pipeline.shards import ShardsConfig, run_m3w_shards, run_pair_shards, run_video_shards
+        from m3w.pipeline.shards import run_m3w_shards, run_pair_shards, run_video_shards
 
         s = self.config.shards
-        config = stage_config(ShardsConfig, s, self.base)
+        config = self.stage_configs["shards"]
         start = time.monotonic()
         results: dict[str, dict] = {}
         common = {"workers": self.config.workers, "ray_address": self.config.ray_address}
@@ -209,13 +197,13 @@ class Build:
 
     # ---- the job ---------------------------------------------------------------------------------------------
     def stage_hashes(self) -> dict[str, str]:
-        """Each stage's hash covers its own settings and those of every stage before it (a chain)."""
+        """Each stage's hash covers its resolved config and settings and those of every stage before it (a
+        chain), so an edit that changes no value (a comment, a default spelled out) re-runs nothing."""
         hashes, previous = {}, ""
         settings = to_dict(self.config)
         for stage in STAGES:
-            files = settings[stage].get("config")
-            content = (self.base / files).read_text() if files else None
-            previous = stable_hash([previous, stage, settings[stage], content])
+            own = {k: v for k, v in settings[stage].items() if k not in ("config", "options")}
+            previous = stable_hash([previous, stage, own, to_dict(self.stage_configs[stage])])
             hashes[stage] = previous
         return hashes
 
@@ -264,23 +252,26 @@ def run_build(
 
 
 @click.command("build")
-@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    help="Override, e.g. extract.limit=2 or filter.options.dedup.enabled=false.",
+@stage_options(
+    config_argument=True, set_help="Override, e.g. extract.limit=2 or filter.options.dedup.enabled=false."
 )
 @click.option(
     "--only", "only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable)."
 )
-def build_cmd(config_path: str, overrides: tuple[str, ...], only: tuple[str, ...]) -> None:
-    """Run every stage (extract → filter → images → shards) from one YAML config, as one job."""
-    try:
-        config, base = load_build_config(config_path, list(overrides))
-    except (ValueError, TypeError) as exc:
-        raise click.UsageError(str(exc)) from exc
-    build = Build(config, base)
+def build_cmd(
+    config_path: str,
+    overrides: tuple[str, ...],
+    workers: int | None,
+    ray_address: str | None,
+    only: tuple[str, ...],
+) -> None:
+    """Run every stage (extract → filter → images → shards) from one YAML CONFIG, as one job."""
+    config, base = load_build_config(config_path, list(overrides))
+    if workers is not None:
+        config.workers = workers
+    if ray_address is not None:
+        config.ray_address = ray_address
+    build = Build(config, base)  # resolves and checks every stage's config before any stage runs
     results = build.run(tuple(only) or STAGES)
     click.echo(f"{'stage':<8} {'status':<8} {'seconds':>8}")
     for r in results:

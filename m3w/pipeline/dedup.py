@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from m3w.pipeline.config import to_dict
+from m3w.config import to_dict
 from m3w.pipeline.filters.config import DedupConfig
 from m3w.pipeline.filters.signals import hash64
 from m3w.pipeline.io import stable_hash, write_parquet_atomic

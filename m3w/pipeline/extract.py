@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 
 import click
 
-from m3w.pipeline.config import from_dict, load_config, to_dict
+from m3w.cli import OutputDir, stage_options
+from m3w.config import from_dict, to_dict
+from m3w.errors import UserError
 from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html, extract_page
 from m3w.pipeline.io import atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
@@ -135,9 +137,17 @@ def run_extract(
 ) -> RunSummary:
     """Extract every WARC named by `inputs` / `crawl` into `out_dir`. Done WARCs are skipped, failed ones retried."""
     config = config or ExtractConfig()
-    warcs = resolve_inputs(inputs, crawl=crawl, limit=limit, cc_base_url=cc_base_url)
+    try:
+        warcs = resolve_inputs(inputs, crawl=crawl, limit=limit, cc_base_url=cc_base_url)
+    except FileNotFoundError as exc:  # a glob that matches nothing
+        raise UserError(str(exc)) from exc
     if not warcs:
-        raise click.UsageError("no input WARCs (give paths, globs, URLs, a paths file, or --crawl)")
+        raise UserError("no input WARCs (give paths, globs, URLs, a paths file, or --crawl)")
+    folders = [w for w in warcs if "://" not in w and Path(w).is_dir()]
+    if folders:
+        raise UserError(
+            f"{folders[0]} is a directory: give WARC files, a glob such as 'DIR/*.warc.gz', or a paths file"
+        )
     config_dict = to_dict(config)
     manifest = Manifest(out_dir, STAGE, stable_hash(config_dict))
     units = [Unit(unit_id(w), (w, str(out_dir), config_dict)) for w in warcs]
@@ -168,35 +178,22 @@ def _print_summary(summary: RunSummary, out_dir: str) -> None:
 
 @click.command("extract")
 @click.argument("inputs", nargs=-1)
-@click.option(
-    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output documents/ dir."
-)
-@click.option(
-    "--workers", type=int, default=None, help="Parallel WARCs (default: all CPUs of the Ray cluster)."
-)
-@click.option(
-    "--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)."
-)
+@click.option("--out", "out_dir", required=True, type=OutputDir(), help="Output documents/ dir.")
 @click.option("--crawl", default=None, help="Common Crawl id, e.g. CC-MAIN-2024-22: read its warc.paths.gz.")
 @click.option("--limit", type=int, default=None, help="Only the first N WARCs.")
 @click.option("--cc-base-url", default=DEFAULT_CC_BASE_URL, show_default=True, envvar="M3W_CC_BASE_URL")
-@click.option(
-    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML ExtractConfig."
-)
-@click.option("--set", "overrides", multiple=True, help="Config override, e.g. page.max_html_bytes=2000000.")
+@stage_options(ExtractConfig, set_help="Override one config value, e.g. page.max_html_bytes=2000000.")
 def extract_cmd(
     inputs: tuple[str, ...],
     out_dir: str,
-    workers: int | None,
-    ray_address: str | None,
     crawl: str | None,
     limit: int | None,
     cc_base_url: str,
-    config_path: str | None,
-    overrides: tuple[str, ...],
+    config: ExtractConfig,
+    workers: int | None,
+    ray_address: str | None,
 ) -> None:
     """Extract interleaved documents from WARC files (paths, globs, URLs, warc.paths.gz files, or --crawl)."""
-    config = load_config(ExtractConfig, config_path, list(overrides))
     summary = run_extract(
         inputs,
         out_dir,

@@ -24,7 +24,8 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m3w.pipeline.config import load_config, to_dict
+from m3w.cli import OutputDir, stage_options
+from m3w.config import to_dict
 from m3w.pipeline.dedup import DedupDecisions, load_decisions, run_dedup
 from m3w.pipeline.docs import document_files, iter_documents
 from m3w.pipeline.filters import (
@@ -402,26 +403,14 @@ def run_filter(
 
 @click.command("filter")
 @click.argument("docs_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
-@click.option("--workers", type=int, default=None, help="Units in flight (default: Ray CPUs).")
-@click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local).")
+@click.option("--out", "out_dir", required=True, type=OutputDir(), help="Output directory.")
+@stage_options(FilterConfig)
 def filter_cmd(
-    docs_dir: str,
-    out_dir: str,
-    config_path: str | None,
-    overrides: tuple[str, ...],
-    workers: int | None,
-    ray_address: str | None,
+    docs_dir: str, out_dir: str, config: FilterConfig, workers: int | None, ray_address: str | None
 ) -> None:
     """Quality filters and corpus-wide dedup: DOCS_DIR (documents/) → OUT (kept) + OUT/excluded/ (reasons)."""
     from m3w.pipeline.stats import format_funnel, funnel
 
-    try:
-        config = load_config(FilterConfig, config_path, list(overrides))
-    except (ValueError, TypeError) as exc:
-        raise click.UsageError(str(exc)) from exc
     summary = run_filter(docs_dir, out_dir, config, workers=workers, ray_address=ray_address)
     click.echo(format_funnel(funnel([out_dir])))
     click.echo(

@@ -34,10 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from m3w.pipeline.config import load_config, to_dict
+from m3w.cli import OutputDir, stage_options
+from m3w.config import to_dict
 from m3w.pipeline.docs import document_files
 from m3w.pipeline.fetch import FetchConfig, shared_fetcher
-from m3w.pipeline.filters import FilterConfig, check_image_size
+from m3w.pipeline.filters import ImageFilterConfig, check_image_size
 from m3w.pipeline.image_filters import ImageFilters, ImageFiltersConfig
 from m3w.pipeline.image_filters.replay import STAGE as IMAGE_FILTERS_STAGE
 from m3w.pipeline.image_filters.replay import run_image_filters
@@ -72,7 +73,7 @@ class ImagesConfig:
     urls_per_unit: int = 200  # URLs per Ray task / index file: what a kill can lose, and the load balance
     threads_per_task: int = 32  # concurrent fetches inside one task
     fetch: FetchConfig = field(default_factory=FetchConfig)
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    filters: ImageFilterConfig = field(default_factory=ImageFilterConfig)  # the filter stage's image rules
     image_filters: ImageFiltersConfig = field(default_factory=ImageFiltersConfig)  # scores in the index
 
     def __post_init__(self) -> None:
@@ -172,7 +173,7 @@ def decode_and_resize(data: bytes, config: ImagesConfig) -> Decoded:
         )
     if min(width, height) < config.min_side:
         raise ImageError("too_small", f"{width}x{height} has a side < {config.min_side} px", original)
-    if config.filters.image.enabled:  # the filter stage's image rules, now on the decoded size
+    if config.filters.enabled:  # the filter stage's image rules, now on the decoded size
         keep, reason = check_image_size(width, height, fmt, config.filters)
         if not keep:
             raise ImageError("filtered", reason, original)
@@ -447,7 +448,7 @@ def run_images(
 
 @click.command("images")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--store", required=True, type=click.Path(), help="Image store directory (created if missing).")
+@click.option("--store", required=True, type=OutputDir(), help="Image store directory (created if missing).")
 @click.option(
     "--allow-host",
     "allow_hosts",
@@ -455,21 +456,16 @@ def run_images(
     metavar="IP[:PORT]|CIDR[:PORT]",
     help="Admit this private address (repeatable), e.g. 127.0.0.1:8000 for a local mirror.",
 )
-@click.option("--workers", type=int, default=None, help="Ray tasks in flight (default: CPUs).")
-@click.option("--ray-address", default=None, help="Ray cluster address (default: local Ray).")
-@click.option("--config", "config_path", type=click.Path(exists=True), help="ImagesConfig YAML.")
-@click.option("--set", "overrides", multiple=True, help="Config override, e.g. fetch.read_timeout=5.")
+@stage_options(ImagesConfig, set_help="Override one config value, e.g. fetch.read_timeout=5.")
 def images_cmd(
     inputs: tuple[str, ...],
     store: str,
     allow_hosts: tuple[str, ...],
+    config: ImagesConfig,
     workers: int | None,
     ray_address: str | None,
-    config_path: str | None,
-    overrides: tuple[str, ...],
 ) -> None:
     """Fetch, validate and resize the image URLs of INPUT... (filtered/ dirs or URL lists) into --store."""
-    config = load_config(ImagesConfig, config_path, list(overrides))
     summary = run_images(inputs, store, config, workers=workers, ray_address=ray_address,
                          allow_hosts=allow_hosts)  # fmt: skip
     click.echo(f"{summary.urls} URLs: {summary.already_final} already final, {summary.retries_exhausted} out of "

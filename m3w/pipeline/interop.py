@@ -23,12 +23,14 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from m3w.cli import OutputDir, ray_options
+from m3w.errors import UserError
 from m3w.pipeline.io import stable_hash, write_parquet_atomic
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
 from m3w.schemas.documents import DOCUMENT_SCHEMA, NODE_IMAGE, NODE_TEXT, SCHEMA_VERSION, check_version
+from m3w.schemas.interop import FORMATS, REQUIRED_COLUMNS
 
-FORMATS = ("obelics", "mmc4")
 IMAGE_FIELDS = ("url", "alt", "title", "figcaption", "width", "height")
 
 
@@ -246,6 +248,34 @@ def read_rows(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def first_row_columns(path: Path) -> list[str] | None:
+    """The columns of a parquet file, or the keys of the first row of a JSON-lines file (None: no rows)."""
+    if path.suffix == ".parquet":
+        return pq.read_schema(path).names
+    try:
+        row = next(read_rows(path), None)
+    except (ValueError, OSError) as exc:  # not JSON lines, not gzip
+        raise UserError(f"{path}: not a JSON-lines file ({exc})") from exc
+    if row is not None and not isinstance(row, dict):
+        raise UserError(f"{path}: rows must be JSON objects, the first one is {type(row).__name__}")
+    return None if row is None else list(row)
+
+
+def check_input_format(path: Path, fmt: str) -> None:
+    """Refuse, before any work, a file whose rows lack the format's columns (an OBELICS file given as MMC4
+    would otherwise import as empty documents)."""
+    columns = first_row_columns(path)
+    if columns is None:
+        return
+    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in columns]
+    if missing:
+        other = [
+            f for f, needed in REQUIRED_COLUMNS.items() if f != fmt and all(c in columns for c in needed)
+        ]
+        guess = f"; it looks like {other[0]}: use --format {other[0]}" if other else ""
+        raise UserError(f"{path} is not {fmt}: its rows have no {' or '.join(missing)}{guess}")
+
+
 def import_unit(args: dict) -> tuple[str, dict[str, int]]:
     """One OBELICS/MMC4 file → one documents parquet file."""
     path, fmt, out = Path(args["input"]), args["format"], Path(args["out"])
@@ -285,10 +315,12 @@ def run_import(
 ):
     """OBELICS or MMC4 files (parquet, jsonl, jsonl.gz) → `out/` documents parquet, one file per input."""
     if fmt not in FORMATS:
-        raise click.BadParameter(f"format must be one of {FORMATS}")
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     files = sorted_inputs(inputs, (".parquet", ".jsonl", ".jsonl.gz", ".json"))
     if not files:
-        raise click.UsageError("no input files")
+        raise UserError(f"no .parquet, .jsonl or .jsonl.gz files in {', '.join(map(str, inputs))}")
+    for path in files:
+        check_input_format(path, fmt)
     manifest = Manifest(out, f"import.{fmt}", stable_hash({"format": fmt, "schema": SCHEMA_VERSION}))
     units = []
     for path in files:
@@ -324,9 +356,8 @@ def export_cmd(inputs, out, store, formats) -> None:
 @interop_group.command("import")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--format", "fmt", required=True, type=click.Choice(FORMATS))
-@click.option("--out", required=True, type=click.Path(), help="documents/ directory to write.")
-@click.option("--workers", type=int, default=None)
-@click.option("--ray-address", default=None)
+@click.option("--out", required=True, type=OutputDir(), help="documents/ directory to write.")
+@ray_options
 def import_cmd(inputs, fmt, out, workers, ray_address) -> None:
     """OBELICS or MMC4 files (parquet/jsonl) → documents/ parquet, ready for `m3w filter`."""
     summary = run_import(inputs, out, fmt, workers=workers, ray_address=ray_address)

@@ -24,7 +24,9 @@ from typing import Any
 import click
 import pyarrow.parquet as pq
 
-from m3w.pipeline.config import from_dict, load_config, to_dict
+from m3w.cli import OutputDir, stage_options
+from m3w.config import from_dict, to_dict
+from m3w.errors import UserError
 from m3w.pipeline.docs import document_files
 from m3w.pipeline.io import atomic_open, stable_hash
 from m3w.pipeline.manifest import Manifest
@@ -329,6 +331,7 @@ def merge_parts(
         "schema": spec.SCHEMA_VERSION,
         "dataset": dataset,
         "tokenizer": tok_info,
+        **sample_limits(dataset, config),
         "config_hash": config_hash,
         "config": to_dict(config),
         "inputs": inputs,
@@ -348,6 +351,16 @@ def merge_parts(
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
     return manifest
+
+
+def sample_limits(dataset: str, config: ShardsConfig) -> dict[str, int]:
+    """L, N and T that bound every sample of `dataset` (written into shards.json for the trainer to check)."""
+    if dataset == "m3w":
+        return {"seq_len": config.windows.seq_len, "max_media": config.windows.max_images, "num_frames": 1}
+    if dataset == "video_pairs":
+        return {"seq_len": config.video.max_tokens, "max_media": 1, "num_frames": config.video.num_frames}
+    tokens = config.pairs.alt_max_tokens if dataset == "alt_pairs" else config.pairs.caption_max_tokens
+    return {"seq_len": tokens, "max_media": 1, "num_frames": 1}
 
 
 def remove_stale_shards(out_dir: Path, name: str, keep: int) -> None:
@@ -539,7 +552,7 @@ def run_stage(
 def _document_units(inputs: Iterable[str | Path], store: str | Path) -> list[tuple[str, dict]]:
     files = input_files(inputs)
     if not files:
-        raise click.UsageError("no parquet input files found")
+        raise UserError("no parquet input files found")
     return [(unit_id(f), {"input": str(f), "store": str(store)}) for f in files]
 
 
@@ -625,25 +638,22 @@ def _read_store_blob(store_root: str, blob: str) -> bytes:
 # CLI
 
 
-def _common_options(fn):
-    fn = click.option("--config", "config_path", type=click.Path(exists=True), help="ShardsConfig YAML.")(fn)
-    fn = click.option("--set", "overrides", multiple=True, help="Config override, e.g. windows.seq_len=512.")(
-        fn
-    )
-    fn = click.option("--tokenizer", default=None, help="Hugging Face tokenizer name or path.")(fn)
-    fn = click.option("--workers", type=int, default=None, help="Ray tasks in flight (default: CPUs).")(fn)
-    fn = click.option("--ray-address", default=None, help="Ray cluster address (default: local Ray).")(fn)
-    fn = click.option("--out", required=True, type=click.Path(), help="Output root (one dir per dataset).")(
-        fn
-    )
-    return fn
+def _shards_options(fn):
+    """--out, --tokenizer and the shared stage options; the command receives `config` with the tokenizer set."""
 
+    @functools.wraps(fn)
+    def wrapper(*args, config: ShardsConfig, tokenizer: str | None, **kwargs):
+        if tokenizer:
+            config.tokenizer = tokenizer
+        return fn(*args, config=config, **kwargs)
 
-def _load(config_path: str | None, overrides: tuple[str, ...], tokenizer: str | None) -> ShardsConfig:
-    config = load_config(ShardsConfig, config_path, list(overrides))
-    if tokenizer:
-        config.tokenizer = tokenizer
-    return config
+    wrapper = stage_options(ShardsConfig, set_help="Override one config value, e.g. windows.seq_len=512.")(
+        wrapper
+    )
+    wrapper = click.option("--tokenizer", default=None, help="Hugging Face tokenizer name or path.")(wrapper)
+    return click.option("--out", required=True, type=OutputDir(), help="Output root (one dir per dataset).")(
+        wrapper
+    )
 
 
 def _report(*results: dict) -> None:
@@ -672,20 +682,18 @@ def shards_group() -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--images", "store", required=True, type=click.Path(exists=True), help="Image store dir.")
 @click.option("--name", default="m3w", show_default=True, help="Shard file name prefix.")
-@_common_options
-def m3w_cmd(inputs, store, name, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
+@_shards_options
+def m3w_cmd(inputs, store, name, config, workers, ray_address, out) -> None:
     """Filtered documents (INPUTS: parquet files or dirs) → M3W token-window shards in OUT/m3w/."""
-    config = _load(config_path, overrides, tokenizer)
     _report(run_m3w_shards(inputs, store, out, config, name=name, workers=workers, ray_address=ray_address))
 
 
 @shards_group.command("pairs")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--images", "store", required=True, type=click.Path(exists=True), help="Image store dir.")
-@_common_options
-def pairs_cmd(inputs, store, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
+@_shards_options
+def pairs_cmd(inputs, store, config, workers, ray_address, out) -> None:
     """Filtered documents → alt-text pairs (OUT/alt_pairs/) and caption pairs (OUT/caption_pairs/)."""
-    config = _load(config_path, overrides, tokenizer)
     _report(*run_pair_shards(inputs, store, out, config, workers=workers, ray_address=ray_address).values())
 
 
@@ -698,13 +706,12 @@ def pairs_cmd(inputs, store, config_path, overrides, tokenizer, workers, ray_add
     metavar="IP[:PORT]|CIDR[:PORT]",
     help="Admit video URLs on this private address (repeatable), e.g. 127.0.0.1:8000.",
 )
-@_common_options
-def video_cmd(table, allow_hosts, config_path, overrides, tokenizer, workers, ray_address, out) -> None:
+@_shards_options
+def video_cmd(table, allow_hosts, config, workers, ray_address, out) -> None:
     """A CSV/JSONL table of (video URL or path, caption) → video-text pair shards in OUT/video_pairs/."""
-    config = _load(config_path, overrides, tokenizer)
     try:
         result = run_video_shards(table, out, config, allow_hosts=allow_hosts, workers=workers,
                                   ray_address=ray_address)  # fmt: skip
     except ValueError as exc:  # a malformed table: say which row, no traceback
-        raise click.UsageError(str(exc)) from exc
+        raise UserError(str(exc)) from exc
     _report(result)

@@ -12,9 +12,11 @@ Each `<image>` token in `input_ids` has exactly one media item, in order.
 from __future__ import annotations
 
 SCHEMA_VERSION = "m3w.shards/1"
-SHARD_MANIFEST = (
-    "shards.json"  # per shard directory: {"schema", "dataset", "tokenizer", "config_hash", "shards": [...]}
-)
+# Per shard directory: {"schema", "dataset", "tokenizer", "seq_len", "max_media", "num_frames", "config_hash",
+# "shards": [...]}; seq_len (L), max_media (N) and num_frames (T) bound every sample of the set (the trainer
+# checks them against its config).
+SHARD_MANIFEST = "shards.json"
+SAMPLE_LIMITS = ("seq_len", "max_media", "num_frames")
 
 DATASETS = ("m3w", "alt_pairs", "caption_pairs", "video_pairs")
 

@@ -41,14 +41,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from m3w.errors import UserError
+from m3w.model.loss import IGNORE_INDEX
 from m3w.schemas import shards as spec
 from m3w.trainer.config import DatasetConfig
 
-IGNORE_INDEX = -100
 
-
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """The shards were tokenized with a different tokenizer than the model's: token ids would mean other words."""
+
+
+class ShardLimitsMismatchError(UserError, ValueError):
+    """The config asks for another window length, image cap or frame count than the shards were cut to."""
 
 
 class BadSample(Exception):
@@ -71,6 +75,9 @@ class ShardSet:
     urls: list[str]
     samples_per_shard: list[int]
     tokenizer: dict[str, str]
+    seq_len: int  # L: tokens per sample at most
+    max_media: int  # N: media items per sample at most
+    num_frames: int  # T: frames per media item
 
     @property
     def num_samples(self) -> int:
@@ -96,12 +103,39 @@ def read_shard_set(path: str) -> ShardSet:
     shards = [s for s in manifest["shards"] if s.get("samples", 0) > 0]
     if not shards:
         raise ValueError(f"{manifest_url}: lists no non-empty shards")
+    missing = [k for k in spec.SAMPLE_LIMITS if not isinstance(manifest.get(k), int)]
+    if missing:
+        raise UserError(
+            f"{manifest_url} does not say its {', '.join(missing)}: re-run `m3w shards` to rewrite it"
+        )
     return ShardSet(
         dataset=manifest.get("dataset", ""),
         urls=[join_url(path, s["name"]) for s in shards],
         samples_per_shard=[int(s["samples"]) for s in shards],
         tokenizer=manifest.get("tokenizer") or {},
+        **{k: manifest[k] for k in spec.SAMPLE_LIMITS},
     )
+
+
+def sample_limits(name: str, cfg: DatasetConfig, shard_set: ShardSet) -> dict[str, int]:
+    """L, N and T of a stream: the shard set's (shards.json); a value set in the config must be the same, since
+    samples cut to other limits would train on other windows than the ones the config names."""
+    limits = {}
+    for key in spec.SAMPLE_LIMITS:
+        wanted, made = getattr(cfg, key), getattr(shard_set, key)
+        if wanted is not None and wanted != made:
+            raise ShardLimitsMismatchError(
+                f"datasets.{name}.{key} is {wanted}, but the shards at {cfg.path} were made with {key} {made} "
+                f"(shards.json): leave datasets.{name}.{key} unset to use it, or re-run `m3w shards` with {wanted}"
+            )
+        limits[key] = made
+    return limits
+
+
+def check_shard_sets(datasets: dict[str, DatasetConfig]) -> None:
+    """Every stream's shards.json read and its limits checked against the config: before a model is built."""
+    for name, cfg in datasets.items():
+        sample_limits(name, cfg, read_shard_set(cfg.path))
 
 
 def check_tokenizer(found: dict[str, str] | None, expected_fingerprint: str, where: str) -> None:
@@ -435,6 +469,7 @@ def build_streams(
     for name, cfg in datasets.items():
         shard_set = read_shard_set(cfg.path)
         check_tokenizer(shard_set.tokenizer, fingerprint, f"shard set {cfg.path}")
+        limits = sample_limits(name, cfg, shard_set)
         pre = Preprocess(
             size=int(image_config["size"]),
             mean=tuple(image_config["mean"]),
@@ -442,9 +477,7 @@ def build_streams(
             media_token_id=media_token_id,
             pad_token_id=tokenizer.pad_token_id,
             fingerprint=fingerprint,
-            seq_len=cfg.seq_len,
-            max_media=cfg.max_media,
-            num_frames=cfg.num_frames,
+            **limits,
         )
         spec_ = StreamSpec(name, shard_set, cfg, pre, seed, rank, world_size)
         streams[name] = DatasetStream(spec_, device or torch.device("cpu"), (states or {}).get(name))

@@ -33,12 +33,13 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from m3w.pipeline.config import from_dict
+from m3w.config import from_dict, to_dict
+from m3w.model.loss import IGNORE_INDEX
 from m3w.pipeline.io import atomic_open
 from m3w.pipeline.tokenizer import tokenizer_fingerprint
 from m3w.trainer import checkpoint as ckpt
-from m3w.trainer.config import OptimConfig, TrainConfig, config_dict
-from m3w.trainer.data import IGNORE_INDEX, DatasetStream, build_streams
+from m3w.trainer.config import OptimConfig, TrainConfig
+from m3w.trainer.data import DatasetStream, build_streams, check_shard_sets
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_CONFIG_FILE = (
@@ -105,8 +106,8 @@ def resolve_model_config(cfg: TrainConfig, env: DistEnv, fresh: bool):
             fcfg = build_preset(section.preset, workdir, tokenizer=section.tokenizer, family=section.family)
         else:
             fcfg = FlamingoConfig(tokenizer=section.tokenizer)
-        fcfg = dataclasses.replace(fcfg, **section.config)
-        fcfg.gradient_checkpointing = cfg.gradient_checkpointing
+        overrides = {**section.config, "gradient_checkpointing": cfg.gradient_checkpointing}
+        fcfg = from_dict(FlamingoConfig, {**to_dict(fcfg), **overrides}, "model.config")
         with atomic_open(saved, "w") as f:
             yaml.safe_dump(dataclasses.asdict(fcfg), f, sort_keys=False)
     if env.distributed:
@@ -375,7 +376,7 @@ class MetricsLogger:
             except ImportError:
                 print("wandb_project is set but wandb is not installed; logging without it", file=sys.stderr)
             else:
-                self.wandb = wandb.init(project=cfg.wandb_project, config=config_dict(cfg), resume="allow")
+                self.wandb = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), resume="allow")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -423,7 +424,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         with atomic_open(out / "train_config.yaml", "w") as f:
-            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
     state = None
     if resume:
@@ -442,6 +443,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise FileExistsError(
             f"{out} already holds checkpoints of another run: pass --resume to continue it, or use a new output_dir"
         )
+    check_shard_sets(cfg.datasets)  # a shard set that does not fit the config fails before the model is built
     seed_everything(cfg.seed)
     model = build_model(cfg, env, fresh=state is None)
     if state is not None:
@@ -545,7 +547,7 @@ def save_state(
             "rng": rng,
             "streams": stream_states,
             "counters": dict(counters),
-            "config": config_dict(cfg),
+            "config": to_dict(cfg),
         }
         path = ckpt.save_checkpoint(cfg.output_dir, step, state, cfg.keep_checkpoints)
         tqdm.write(f"saved checkpoint {path}", file=sys.stdout)

@@ -1,6 +1,6 @@
 """Every filter and dedup threshold in one dataclass tree, defaulting to the published OBELICS choices.
 
-Load it with `pipeline.config.load_config(FilterConfig, "configs/filters.yaml", ["paragraph.min_words=5"])`.
+Load it with `m3w.config.load_config(FilterConfig, "filters.yaml", ["paragraph.min_words=5"])`.
 The config is split into what the cached statistics depend on (`signals_part`) and what only decides on them
 (thresholds), so a threshold change re-runs the cheap decisions and reuses the cached statistics.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from m3w.pipeline.config import to_dict
+from m3w.config import to_dict
 
 
 def _default_formats() -> list[str]:
@@ -47,6 +47,8 @@ def _default_image_patterns() -> list[str]:
 
 @dataclass
 class ImageFilterConfig:
+    """Image nodes (OBELICS): declared sizes judged before download, decoded sizes again by the images stage."""
+
     enabled: bool = True
     formats: list[str] = field(default_factory=_default_formats)  # by URL extension before download
     min_side: int = 150  # px, each side
@@ -60,6 +62,8 @@ class ImageFilterConfig:
 
 @dataclass
 class ParagraphFilterConfig:
+    """Text nodes (OBELICS paragraph filters); ratios are in [0, 1]."""
+
     enabled: bool = True
     min_words: int = 4
     max_words: int = 1000
@@ -94,6 +98,8 @@ class CaptionFilterConfig:
 
 @dataclass
 class DocumentFilterConfig:
+    """Documents after node filtering (OBELICS document filters)."""
+
     enabled: bool = True
     min_images: int = 1
     max_images: int = 30
@@ -109,6 +115,8 @@ class DocumentFilterConfig:
 
 @dataclass
 class DedupConfig:
+    """Corpus-wide dedup on Ray; each rule keeps the newest fetch of a group of duplicates."""
+
     enabled: bool = True
     same_url: bool = True  # same page URL: keep the newest fetch
     exact_text: bool = True  # identical normalised text: keep the newest

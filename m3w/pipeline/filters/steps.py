@@ -161,14 +161,13 @@ def _allowed_formats(formats: tuple[str, ...]) -> frozenset[str | None]:
 
 
 def check_image_size(
-    width: int | None, height: int | None, fmt: str | None, config: FilterConfig
+    width: int | None, height: int | None, fmt: str | None, cfg: ImageFilterConfig
 ) -> tuple[bool, str]:
     """OBELICS image rules on format, side lengths and aspect ratio.
 
     Unknown values (None: no declared size, no extension) pass their rule: before download only what the page
     declares is judged; the images stage calls this again with the decoded size and format.
     """
-    cfg = config.image
     fmt_norm = image_format(fmt)
     if fmt_norm is not None and fmt_norm not in _allowed_formats(tuple(cfg.formats)):
         return False, f"image.format: {fmt_norm} not in {cfg.formats}"
@@ -210,7 +209,7 @@ class ImageFormat(Step):
         fmt = image_format(item.url)
         if fmt is None and not self.config.image.allow_unknown_format:
             return False, f"image.format: no known extension in {item.url[:200]}"
-        return check_image_size(None, None, fmt, self.config)
+        return check_image_size(None, None, fmt, self.config.image)
 
 
 class ImageDeclaredSize(Step):
@@ -221,7 +220,7 @@ class ImageDeclaredSize(Step):
         self.config = config
 
     def keep(self, item: ImageItem) -> tuple[bool, str]:
-        return check_image_size(item.width, item.height, None, self.config)
+        return check_image_size(item.width, item.height, None, self.config.image)
 
 
 class ImagePattern(Step):

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from m3w.pipeline.config import from_dict, to_dict
+from m3w.config import from_dict, to_dict
 from m3w.pipeline.image_filters.config import ImageFiltersConfig
 from m3w.pipeline.image_filters.steps import ImageFilters
 from m3w.pipeline.io import stable_hash

@@ -98,6 +98,7 @@ class ToyWriter:
         self.media_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
         self.eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
         self.writer = ShardWriter(self.out_dir, dataset, max_samples=shard_size)
+        self.limits = {"seq_len": 0, "max_media": 0, "num_frames": 1}  # the largest sample written
 
     def ids(self, chunks: list[tuple[bool, str]]) -> list[int]:
         """[(has_image, caption), ...] → <image>caption<EOC> ... token ids."""
@@ -119,6 +120,11 @@ class ToyWriter:
         files = {"json": json.dumps(sample, sort_keys=True).encode()}
         files.update(zip(sample["images"], media))
         self.writer.write(key, files, tokens=len(ids), images=n_items)
+        self.limits = {
+            "seq_len": max(self.limits["seq_len"], len(ids)),
+            "max_media": max(self.limits["max_media"], n_items),
+            "num_frames": frames,
+        }
 
     def close(self) -> Path:
         self.writer.__exit__(None, None, None)
@@ -126,6 +132,7 @@ class ToyWriter:
             "schema": spec.SCHEMA_VERSION,
             "dataset": self.dataset,
             "tokenizer": self.tok_info,
+            **self.limits,
             "config_hash": "toy",
             "shards": [s.to_json() for s in self.writer.shards],
             "totals": {"samples": sum(s.samples for s in self.writer.shards)},
