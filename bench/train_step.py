@@ -33,7 +33,9 @@ from m3w.model import Flamingo, build_preset  # noqa: E402
 from m3w.pipeline.tokenizer import tokenizer_fingerprint  # noqa: E402
 from m3w.trainer.config import DatasetConfig, TrainConfig, paper_datasets  # noqa: E402
 from m3w.trainer.data import build_streams  # noqa: E402
-from m3w.trainer.train import DistEnv, accumulate_gradients, build_optimizer, clip_gradients, step_plan  # noqa: E402
+from m3w.trainer.distributed import DistEnv  # noqa: E402
+from m3w.trainer.optim import build_optimizer, clip_gradients  # noqa: E402
+from m3w.trainer.train import accumulate_gradients, step_plan  # noqa: E402
 
 WRITERS = {
     "m3w": toydata.write_interleaved,
@@ -87,7 +89,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             t0, w0 = time.perf_counter(), sum(s.wait_s for s in streams.values())
             batches = [(n, weights[n], streams[n].next_batch()) for n in step_plan(step, names, "all", 1)]
-            stats = accumulate_gradients(model, batches, len(batches), 1, env, "auto")
+            stats = accumulate_gradients(model, batches, len(batches), 1, env)
             clip_gradients(model, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from m3w.model import Flamingo, FlamingoConfig, build_preset
+from m3w.model.flamingo import autocast_dtype
+from m3w.model.generation import generate, score
 from m3w.model.presets import LMShape, VisionShape, write_random_parts
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox"]
@@ -422,7 +424,7 @@ def prompts(model: Flamingo):
 
 def test_incremental_generation_equals_full_forward(opened):
     ids, mask, images, media_mask = prompts(opened)
-    out = opened.generate(ids, mask, images, media_mask, max_new_tokens=6, eos_token_id=None)
+    out = generate(opened, ids, mask, images, media_mask, max_new_tokens=6, eos_token_id=None)
     assert out.sequences.shape == (2, ids.shape[1] + 6)
     full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
     with torch.no_grad():
@@ -443,13 +445,13 @@ def test_incremental_generation_other_families(family, tmp_path):
     model = Flamingo.from_config(build_preset("tiny", tmp_path, family=family)).eval()
     set_gates(model)
     ids, mask, images, media_mask = prompts(model)
-    out = model.generate(ids, mask, images, media_mask, max_new_tokens=4, eos_token_id=None)
+    out = generate(model, ids, mask, images, media_mask, max_new_tokens=4, eos_token_id=None)
     full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
     with torch.no_grad():
         full = model(out.sequences, full_mask, images, media_mask).logits
     for step, logits in enumerate(out.step_logits):
         assert torch.allclose(logits, full[:, ids.shape[1] - 1 + step], atol=1e-4), f"{family} step {step}"
-    beams = model.generate(ids, mask, images, media_mask, max_new_tokens=3, num_beams=2, eos_token_id=None)
+    beams = generate(model, ids, mask, images, media_mask, max_new_tokens=3, num_beams=2, eos_token_id=None)
     assert beams.sequences.shape == (2, ids.shape[1] + 3)
 
 
@@ -461,15 +463,15 @@ def test_generation_encodes_media_once_and_caches_visual_kv(opened):
     ids, mask, images, media_mask = prompts(opened)
     for beams in (1, 3):
         calls.update(vision=0, to_kv=0)
-        opened.generate(ids, mask, images, media_mask, max_new_tokens=5, num_beams=beams, eos_token_id=None)
+        generate(opened, ids, mask, images, media_mask, max_new_tokens=5, num_beams=beams, eos_token_id=None)
         assert calls == {"vision": 1, "to_kv": len(opened.xattn)}
 
 
 def test_generation_stops_at_end_token(opened):
     ids, mask, images, media_mask = prompts(opened)
-    first = opened.generate(ids, mask, images, media_mask, max_new_tokens=1, eos_token_id=None)
+    first = generate(opened, ids, mask, images, media_mask, max_new_tokens=1, eos_token_id=None)
     end = first.sequences[0, -1].item()  # make row 0's first choice the end token
-    out = opened.generate(ids, mask, images, media_mask, max_new_tokens=8, eos_token_id=end)
+    out = generate(opened, ids, mask, images, media_mask, max_new_tokens=8, eos_token_id=end)
     assert out.sequences[0, ids.shape[1]].item() == end
     assert (out.sequences[0, ids.shape[1] + 1 :] == opened.tokenizer.pad_token_id).all()
 
@@ -477,7 +479,9 @@ def test_generation_stops_at_end_token(opened):
 def test_beam_search_returns_highest_scoring_beam(opened):
     ids, mask, images, media_mask = prompts(opened)
     beams = 3
-    out = opened.generate(ids, mask, images, media_mask, max_new_tokens=2, num_beams=beams, eos_token_id=None)
+    out = generate(
+        opened, ids, mask, images, media_mask, max_new_tokens=2, num_beams=beams, eos_token_id=None
+    )
     banned = [opened.media_token_id, opened.tokenizer.pad_token_id]
     for row in range(2):
         # exhaustively: the best two-token continuation among the `beams` best first tokens (what beam search
@@ -509,7 +513,7 @@ def test_beam_search_survives_every_beam_ending_at_once(opened):
 
     hook = opened.lm.get_output_embeddings().register_forward_hook(boost)
     try:
-        out = opened.generate(ids, mask, images, media_mask, max_new_tokens=4, num_beams=3, eos_token_id=end)
+        out = generate(opened, ids, mask, images, media_mask, max_new_tokens=4, num_beams=3, eos_token_id=end)
     finally:
         hook.remove()
     assert out.sequences[:, ids.shape[1]].tolist() == [end, end]
@@ -520,17 +524,17 @@ def test_score_equals_full_forward_log_likelihood(opened):
     ids, mask = encode(opened, ["<image> a photo of a"])
     images = images_for(1, 1)[0]
     candidates = [opened.tokenizer(" cat").input_ids, opened.tokenizer(" very big dog").input_ids, [5]]
-    scores = opened.score(ids, candidates, images)
+    scores = score(opened, ids, candidates, images)
     for candidate, got in zip(candidates, scores):
         seq = torch.cat([ids[0], torch.tensor(candidate)])[None]
         with torch.no_grad():
             logprobs = torch.log_softmax(opened(seq, None, images[None]).logits[0], -1)
         expected = sum(logprobs[ids.shape[1] - 1 + j, t] for j, t in enumerate(candidate))
         assert got.item() == pytest.approx(expected.item(), abs=1e-4)
-    normalised = opened.score(ids, candidates, images, normalize=True)
+    normalised = score(opened, ids, candidates, images, normalize=True)
     assert normalised[1].item() == pytest.approx(scores[1].item() / len(candidates[1]), abs=1e-5)
     with pytest.raises(ValueError, match="<image>"):
-        opened.score(ids, [[opened.media_token_id]], images)
+        score(opened, ids, [[opened.media_token_id]], images)
 
 
 # ---- torch.compile, CLI ----------------------------------------------------------------------------------------
@@ -641,6 +645,32 @@ def test_linear_cross_entropy_over_many_chunks(monkeypatch):
     assert ignored.sum() > 30 and not fused_grads[0][ignored].any()
 
 
+def test_precision_decides_the_autocast_inside_the_model(tiny):
+    """Issue 13, defect 3: `precision: fp32` means full precision on CUDA too (the model used to enter bf16
+    autocast on CUDA whatever the trainer asked). One decision, autocast_dtype, which the forward pass follows:
+    checked on the CPU, where "bf16" is the only precision that autocasts."""
+    assert autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert autocast_dtype("bf16", "cuda") == torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16", "cuda")
+    seen: list[tuple[str, bool]] = []
+    for module in (tiny.resampler, tiny.lm):
+        module.register_forward_hook(
+            lambda m, i, o: seen.append((type(m).__name__, torch.is_autocast_enabled("cpu")))
+        )
+    ids, mask = encode(tiny, ["a photo <image> of a cat <EOC>"])
+    for precision in ("auto", "fp32", "bf16"):
+        seen.clear()
+        tiny.precision = precision
+        with torch.no_grad():
+            tiny(ids, mask, images_for(1, 1), labels=ids, return_logits=True)
+        assert {enabled for _, enabled in seen} == {precision == "bf16"}, (precision, seen)
+        assert len(seen) == 2  # the resampler and the LM both ran
+
+
 def test_bf16_frozen_parts_under_autocast(tiny_dir):
     """The GPU configuration (frozen LM and vision tower in bf16, trainable parts in fp32, bf16 autocast) run on
     the CPU: the fused loss agrees with the full-logits loss and with fp32, and every trainable part learns."""
@@ -649,6 +679,7 @@ def test_bf16_frozen_parts_under_autocast(tiny_dir):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = Flamingo.from_config(config, dtype=dtype).train()
+        model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
         set_gates(model)
         assert {p.dtype for _, p in model.trainable_parameters()} == {torch.float32}
         ids, mask = encode(
@@ -657,10 +688,7 @@ def test_bf16_frozen_parts_under_autocast(tiny_dir):
         labels = ids.masked_fill(mask == 0, -100)
         media_mask = torch.tensor([[True, False], [True, True]])
         for return_logits in (False, True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = model(
-                    ids, mask, images_for(2, 2), media_mask, labels=labels, return_logits=return_logits
-                )
+            out = model(ids, mask, images_for(2, 2), media_mask, labels=labels, return_logits=return_logits)
             losses[dtype, return_logits] = out.loss.item()
             grads = backward_grads(model, out.loss)
             assert all(

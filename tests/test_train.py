@@ -15,13 +15,15 @@ import torch
 import toydata
 import yaml
 
-from m3w.config import load_config
+from m3w.config import load_config, to_dict
 from m3w.model import Flamingo, build_preset
 from m3w.pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
-from m3w.trainer.checkpoint import list_checkpoints, load_checkpoint
 from m3w.trainer.config import DatasetConfig, OptimConfig, TrainConfig
 from m3w.trainer.data import build_streams
-from m3w.trainer.train import DistEnv, accumulate_gradients, lr_factor, param_groups, step_plan
+from m3w.trainer.distributed import DistEnv
+from m3w.trainer.optim import lr_factor, param_groups
+from m3w.trainer.state import config_changes, list_checkpoints, load_checkpoint
+from m3w.trainer.train import accumulate_gradients, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -179,6 +181,17 @@ def test_schedule_warmup_then_cosine_or_linear():
     assert lr_factor(500, OptimConfig(warmup_steps=0, schedule="constant"), 100) == 1.0
 
 
+def test_resume_allows_only_changes_that_keep_the_computation():
+    saved = to_dict(TrainConfig())
+    longer = TrainConfig(steps=2000, log_every=1, output_dir="moved", tensorboard=False)
+    assert config_changes(saved, to_dict(longer)) == []
+    other = TrainConfig(seed=1, precision="fp32")
+    other.datasets["m3w"].num_workers = 4  # each worker has its own data cursor in the checkpoint
+    assert config_changes(saved, to_dict(other)) == [
+        "datasets.m3w.num_workers (2 → 4)", "precision ('auto' → 'fp32')", "seed (0 → 1)"
+    ]  # fmt: skip
+
+
 def test_config_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"datasets": {"m3w": {"path": "x", "batch_size": 2}}, "steps": 5}))
@@ -223,7 +236,13 @@ def test_exact_resume_after_sigkill(tiny_dir, data, tmp_path):
     assert max(r["step"] for r in metrics(killed)) < 20, "the run finished before it was killed"
     proc = run_train(config)  # a fresh start would overwrite the interrupted run: refused
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "pass --resume" in out
+    assert proc.returncode == 2 and "pass --resume" in out
+    # resuming with settings that change the computation would not continue the same run: refused, naming them
+    proc = run_train(config, "--resume", "--set", "optim.lr=3e-4", "--set", "datasets.m3w.batch_size=5")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "datasets.m3w.batch_size (3 → 5); optim.lr (0.001 → 0.0003)" in out, out[
+        -2000:
+    ]
     proc = run_train(config, "--resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]

@@ -7,6 +7,10 @@ cross-attention with 8 heads of 64 and a 4x feed-forward, and no "attend to the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+# How the model computes: "bf16" autocast everywhere, "auto" on CUDA only, "fp32" never (flamingo.autocast_dtype)
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass

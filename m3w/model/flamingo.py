@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from m3w.config import from_dict
-from m3w.model.config import FlamingoConfig
+from m3w.model.config import FlamingoConfig, Precision
 from m3w.model.lm_adapter import NewTokenRows, attach_before_layers, decoder_layers, gated_layer_indices
 from m3w.model.loss import IGNORE_INDEX, linear_cross_entropy, plain_linear_head
 from m3w.model.resampler import PerceiverResampler
@@ -37,12 +38,20 @@ CONFIG_FILE = "flamingo_config.json"
 WEIGHTS_FILE = "trainable.safetensors"
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights stay as loaded: fp32 trainable parts, frozen parts in `from_config`'s dtype);
-    full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_dtype(precision: Precision, device_type: str) -> torch.dtype | None:
+    """The dtype the model computes in under `precision`: "bf16" autocasts to bf16 everywhere, "auto" on CUDA
+    only, "fp32" never (None: full precision). Weights stay as loaded: fp32 trainable parts, frozen parts in
+    `from_config`'s dtype."""
+    if precision not in typing.get_args(Precision):
+        raise ValueError(f"precision must be one of {typing.get_args(Precision)}, not {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: Precision):
+    dtype = autocast_dtype(precision, device.type)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -90,6 +99,9 @@ class Flamingo(nn.Module):
         )
         self.new_tokens = NewTokenRows(lm, [self.media_token_id, self.eoc_token_id], len(tokenizer))
         self._state: VisualState | None = None  # set only for the duration of one LM call
+        self.precision: Precision = (
+            "auto"  # see autocast_dtype; the trainer sets its config's `precision` here
+        )
         attach_before_layers(lm, config.cross_attn_every, self._cross_attend)
         if config.gradient_checkpointing:
             self.lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -161,7 +173,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"images must be [B, N_media, T, C, H, W], got shape {tuple(images.shape)}")
         batch, slots, frames = images.shape[:3]
         real = images.flatten(0, 1) if media_mask is None else images[media_mask]  # [M, T, C, H, W]
-        with autocast(images.device):
+        with autocast(images.device, self.precision):
             features = self.vision(real.flatten(0, 1))  # [M·T, S, dv]
             features = features.unflatten(0, (-1, frames)).to(self.resampler.latents.dtype)
             visual = self.resampler(features)  # [M, R, dv]
@@ -204,7 +216,7 @@ class Flamingo(nn.Module):
         if images is None or int(num_media.sum()) == 0:
             return VisualState(kv=None, media_index=None)  # text only: the blocks apply their gated FFW
         visual = self.encode_media(images, media_mask)
-        with autocast(images.device):
+        with autocast(images.device, self.precision):
             kv = [block.attn.media_kv(visual) for block in self.xattn]
         return VisualState(kv, media_index)
 
@@ -245,7 +257,7 @@ class Flamingo(nn.Module):
         }
         self._state = state
         try:
-            with autocast(input_ids.device):
+            with autocast(input_ids.device, self.precision):
                 if not run_head:
                     hidden = self.lm.base_model(**inputs).last_hidden_state
                     return FlamingoOutput(loss=None, logits=None, hidden=hidden)
@@ -281,15 +293,3 @@ class Flamingo(nn.Module):
             out.hidden.flatten(0, 1), head, rows.output_rows, rows.token_ids, rows.vocab_size, targets
         )
         return out
-
-    # ---- generation (model/generation.py) --------------------------------------------------------------------
-
-    def generate(self, input_ids, attention_mask=None, images=None, media_mask=None, **kwargs):
-        from m3w.model.generation import generate
-
-        return generate(self, input_ids, attention_mask, images, media_mask, **kwargs)
-
-    def score(self, prompt_ids, candidates, images=None, **kwargs):
-        from m3w.model.generation import score
-
-        return score(self, prompt_ids, candidates, images, **kwargs)

@@ -29,6 +29,8 @@ from m3w.config import to_dict
 from m3w.pipeline.dedup import DedupDecisions, load_decisions, run_dedup
 from m3w.pipeline.docs import document_files, iter_documents
 from m3w.pipeline.filters import (
+    DOMAIN_PARAGRAPH,
+    IMAGE_FREQUENCY,
     DocumentItem,
     FilterConfig,
     ImageItem,
@@ -55,25 +57,6 @@ EXCLUDED_DIR = "excluded"
 MEASURES = ("documents", "paragraphs", "images", "words")
 CONTENT_CHARS = 1000  # of a paragraph kept in excluded/, enough to read why it went
 ROWS_PER_GROUP = 256
-# Dedup rules that act on nodes, after the quality filters.
-IMAGE_FREQUENCY = "dedup.image_url_frequency"
-DOMAIN_PARAGRAPH = "dedup.domain_paragraph"
-DOC_DEDUP_RULES = ("dedup.same_url", "dedup.exact_text", "dedup.same_image_set", "dedup.near_duplicate")
-
-
-def filter_names(config: FilterConfig | None = None) -> list[str]:
-    """Every filter name in the order a document meets them (the funnel's order)."""
-    config = config or FilterConfig()
-    return [
-        *DOC_DEDUP_RULES,
-        *(s.name for s in image_steps(config)),
-        IMAGE_FREQUENCY,
-        *(s.name for s in paragraph_steps(config)),
-        DOMAIN_PARAGRAPH,
-        *(s.name for s in document_steps(config)),
-    ]
-
-
 # ---------------------------------------------------------------------------------------------------- inputs
 
 

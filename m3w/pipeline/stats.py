@@ -52,7 +52,7 @@ def current_totals(manifest: Manifest) -> tuple[dict[str, int], int, int]:
 
 
 def _filter_order(names: set[str]) -> list[str]:
-    from m3w.pipeline.filter import filter_names
+    from m3w.pipeline.filters import filter_names
     from m3w.pipeline.image_filters import ROW_STEPS
 
     known = [*filter_names(), *ROW_STEPS]

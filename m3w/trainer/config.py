@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from m3w.config import check_fields
-from m3w.model.config import FlamingoConfig
+from m3w.model.config import FlamingoConfig, Precision
 
 
 @dataclass
@@ -83,7 +83,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     accumulation: Literal["all", "round_robin"] = "all"  # all: a batch of every dataset per step (paper)
     grad_accum: int = 1  # extra accumulation: repeat the per-step batches this many times
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end

@@ -24,6 +24,7 @@ import click
 import numpy as np
 import torch
 
+from m3w.model import generation
 from m3w.trainer.fewshot.data import TASKS, Example, TaskData, load_task_data
 from m3w.trainer.fewshot.metrics import accuracy, cider_d, vqa_accuracy
 from m3w.trainer.fewshot.prompts import (
@@ -140,9 +141,10 @@ class Evaluator:
             # A class name's tokens as they follow the prompt: encode "x name" and drop "x", so tokenizers that
             # attach the separating space to the next word (BPE, SentencePiece) give the in-context tokens.
             candidates = [self.encode(with_answer("x", name))[0, 1:].tolist() for name in self.classes]
-            scores = self.model.score(ids, candidates, images)
+            scores = generation.score(self.model, ids, candidates, images)
             return self.classes[int(torch.as_tensor(scores).argmax())]
-        out = self.model.generate(
+        out = generation.generate(
+            self.model,
             ids,
             torch.ones_like(ids),
             images,

@@ -14,6 +14,9 @@ from m3w.pipeline.filters.config import (
     StatsConfig,
 )
 from m3w.pipeline.filters.steps import (
+    DOC_DEDUP_RULES,
+    DOMAIN_PARAGRAPH,
+    IMAGE_FREQUENCY,
     Bounds,
     DocumentItem,
     ImageItem,
@@ -21,6 +24,7 @@ from m3w.pipeline.filters.steps import (
     check_caption_text,
     check_image_size,
     document_steps,
+    filter_names,
     first_drops,
     image_format,
     image_steps,
@@ -29,6 +33,9 @@ from m3w.pipeline.filters.steps import (
 )
 
 __all__ = [
+    "DOC_DEDUP_RULES",
+    "DOMAIN_PARAGRAPH",
+    "IMAGE_FREQUENCY",
     "Bounds",
     "CaptionFilterConfig",
     "DedupConfig",
@@ -43,6 +50,7 @@ __all__ = [
     "check_caption_text",
     "check_image_size",
     "document_steps",
+    "filter_names",
     "first_drops",
     "image_format",
     "image_steps",

@@ -358,3 +358,24 @@ def document_steps(config: FilterConfig) -> list[Step]:
         Bounds("document.stopwords", lambda d: d.text.stopwords, low=cfg.min_stopword_ratio),
         Bounds("document.flagged_words", lambda d: d.text.flagged_words, high=cfg.max_flagged_word_ratio),
     ]
+
+
+# ------------------------------------------------------------------------------------------------- the funnel
+
+# Corpus-wide dedup rules (pipeline/dedup.py): on whole documents first, then on nodes after the quality filters.
+DOC_DEDUP_RULES = ("dedup.same_url", "dedup.exact_text", "dedup.same_image_set", "dedup.near_duplicate")
+IMAGE_FREQUENCY = "dedup.image_url_frequency"
+DOMAIN_PARAGRAPH = "dedup.domain_paragraph"
+
+
+def filter_names(config: FilterConfig | None = None) -> list[str]:
+    """Every filter name in the order a document meets them (the funnel's order, for `m3w stats`)."""
+    config = config or FilterConfig()
+    return [
+        *DOC_DEDUP_RULES,
+        *(s.name for s in image_steps(config)),
+        IMAGE_FREQUENCY,
+        *(s.name for s in paragraph_steps(config)),
+        DOMAIN_PARAGRAPH,
+        *(s.name for s in document_steps(config)),
+    ]
