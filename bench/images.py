@@ -1,22 +1,33 @@
-"""Benchmark: our image stage vs plain img2dataset on the same loopback URL list.
+"""Benchmark: our image stage vs plain img2dataset on the same loopback URL list, and the CPU cost of each image
+filter step.
 
     .venv/bin/python bench/images.py [--images 1200] [--out bench-out/images]
 
 Both download the same ≥1,000 real-photo-sized JPEGs (crops/rescales/re-encodes of webcorpus/photos, so every
 file's bytes differ) from one HTTP/1.1 server on 127.0.0.1, resize them to 320×320 center crops and write them
-out. Ours runs with every security check on (scheme allow-list, per-hop address vetting with loopback explicitly
-allowed, byte cap, timeouts, X-Robots-Tag). img2dataset runs from its own venv (`.venv-img2dataset`, created
-here if missing: it pins webdataset<0.3 and pandas<3, which must not enter our venv).
+out, in the same run. Each tool has the SSRF guard it ships with: ours every check (scheme allow-list, per-hop
+address vetting with only the server's address and port allowed (`--allow-host`), byte cap, total deadline,
+X-Robots-Tag) and its default per-host politeness; img2dataset none. The ratio is measured with the image
+filter steps off (as img2dataset has none); a second run of ours with the default steps (pHash, blur, text
+share) shows what they cost end to end. img2dataset runs from its own venv (`.venv-img2dataset`, created here
+if missing: it pins webdataset<0.3 and pandas<3, which must not enter our venv).
 
 Throughput is URLs / wall seconds of each tool's whole run on an already started Ray for ours (as on a
 cluster; Ray start-up is printed separately) and of the whole `img2dataset` command for it. Peak RSS sums the
 processes doing the work (our driver + Ray workers; img2dataset's process tree).
-Last line: ours_img_s=<float> img2dataset_img_s=<float> ratio=<float> peak_rss_mb=<float>
+
+Then the CPU cost per image of each step, on the stored images of our run, one thread: the luma decode the
+cheap signals share, pHash, blur, text share; and the model steps with the default architectures (CLIP
+ViT-B/32 and a ViT-B/16 classifier, random weights built from their configs: the same FLOPs as the published
+checkpoints, nothing downloaded), batched, on this machine's CPU (torch threads: all cores).
+Last line: ours_img_s=<float> img2dataset_img_s=<float> ratio=<float> ours_default_steps_img_s=<float>
+peak_rss_mb=<float> then `<step>_ms=<float>` per step (CPU ms per image).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -173,6 +184,86 @@ def run_ours(
     return summary.seconds, summary.statuses.get("ok", 0), rss.peak_kb / 1024, summary.statuses
 
 
+def _cpu_ms_per_item(fn, items: list) -> float:
+    start = time.process_time()
+    for item in items:
+        fn(item)
+    return (time.process_time() - start) / len(items) * 1e3
+
+
+def _tiny_word_tokenizer(path: Path, texts: list[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+
+
+def step_costs(jpegs: list[bytes], work: Path, model_images: int = 64) -> dict[str, tuple[float, float]]:
+    """step → (CPU ms, wall ms) per image, on stored JPEGs. Cheap signals: one thread, each on top of the luma
+    decode they share. Models: the default architectures with random weights, batched, all CPU threads."""
+    import torch
+    from PIL import Image as PILImage
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    from m3w.pipeline.image_filters import ClipRelevanceConfig, NsfwConfig
+    from m3w.pipeline.image_filters import signals as sig
+    from m3w.pipeline.image_filters.models import ClipRelevance, NsfwClassifier
+
+    costs: dict[str, tuple[float, float]] = {}
+    lumas = [sig.luma(j) for j in jpegs]
+    for name, fn, items in (("luma", sig.luma, jpegs), ("phash", sig.perceptual_hash, lumas),
+                            ("blur", sig.laplacian_variance, lumas), ("text_share", sig.text_share, lumas)):  # fmt: skip
+        start = time.monotonic()
+        cpu = _cpu_ms_per_item(fn, items)
+        costs[name] = (cpu, (time.monotonic() - start) / len(items) * 1e3)
+
+    images = [PILImage.open(io.BytesIO(j)).convert("RGB") for j in jpegs[:model_images]]
+    texts = [f"a photograph of item {i} on a web page about the city" for i in range(len(images))]
+    torch.manual_seed(0)
+    clip_dir, nsfw_dir = work / "clip-b32", work / "vit-b16-nsfw"
+    if not (clip_dir / "config.json").exists():
+        CLIPModel(CLIPConfig()).save_pretrained(clip_dir)  # ViT-B/32 image tower, 12-layer text tower
+        CLIPImageProcessor().save_pretrained(clip_dir)
+        _tiny_word_tokenizer(clip_dir, texts)
+    if not (nsfw_dir / "config.json").exists():
+        labels = {0: "normal", 1: "nsfw"}
+        ViTForImageClassification(ViTConfig(id2label=labels, label2id={v: k for k, v in labels.items()})
+                                  ).save_pretrained(nsfw_dir)  # fmt: skip
+        ViTImageProcessor().save_pretrained(nsfw_dir)
+    clip = ClipRelevance(ClipRelevanceConfig(enabled=True, model=str(clip_dir), batch_size=32, device="cpu"))
+    nsfw = NsfwClassifier(NsfwConfig(enabled=True, model=str(nsfw_dir), batch_size=32, device="cpu"))
+    for name, run in (
+        ("clip_b32", lambda: clip.score(images, texts)),
+        ("nsfw_vit_b16", lambda: nsfw.score(images)),
+    ):
+        run()  # warm-up: first-call allocations
+        start, cpu = time.monotonic(), time.process_time()
+        run()
+        costs[name] = (
+            (time.process_time() - cpu) / len(images) * 1e3,
+            (time.monotonic() - start) / len(images) * 1e3,
+        )
+    return costs
+
+
+def stored_jpegs(store: Path, n: int) -> list[bytes]:
+    from m3w.pipeline.imagestore import ImageStore
+
+    image_store = ImageStore(store)
+    keys = [k for k in image_store.table().column("resized_sha256").to_pylist() if k][:n]
+    return [image_store.read_blob(k) for k in keys]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1200)
@@ -185,13 +276,14 @@ def main() -> None:
 
     names = make_images(args.out / "www", args.images)
     total_mb = sum((args.out / "www" / n).stat().st_size for n in names) / 1e6
+    load = os.getloadavg()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.out / "www")], stdout=subprocess.PIPE)
     try:
         port = int(server.stdout.readline())
         url_file = args.out / "urls.txt"
         url_file.write_text("".join(f"http://127.0.0.1:{port}/{name}\n" for name in names))
         print(f"{len(names)} JPEGs, {total_mb:.0f} MB, served on 127.0.0.1:{port}; {args.workers} processes × "
-              f"{args.threads} threads each")  # fmt: skip
+              f"{args.threads} threads each; load average before: {load[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
 
         exe = ensure_img2dataset()
         i2d_s, i2d_ok, i2d_rss = run_img2dataset(exe, url_file, args.out / "img2dataset", len(names),
@@ -203,20 +295,31 @@ def main() -> None:
         start = time.monotonic()
         init_ray(num_cpus=args.workers)
         print(f"ray start: {time.monotonic() - start:.1f}s (not counted: a cluster is already up)")
-        ours_s, ours_ok, ours_rss, statuses = run_ours(
-            url_file, args.out / "store", args.workers, args.threads, f"127.0.0.1:{port}"
-        )
-        print(
-            f"ours: {ours_ok}/{len(names)} ok in {ours_s:.1f}s, peak RSS {ours_rss:.0f} MB, statuses {statuses}"
-        )
+        runs = {}
+        for label, steps in (("steps off", False), ("default steps", True)):
+            runs[label] = run_ours(
+                url_file, args.out / "store", args.workers, args.threads, f"127.0.0.1:{port}", steps
+            )
+            seconds, ok, rss, statuses = runs[label]
+            print(
+                f"ours ({label}): {ok}/{len(names)} ok in {seconds:.1f}s, peak RSS {rss:.0f} MB, statuses {statuses}"
+            )
     finally:
         server.terminate()
         server.wait()
-    if ours_ok != len(names) or i2d_ok != len(names):
-        raise SystemExit(f"not every image was downloaded: ours {ours_ok}, img2dataset {i2d_ok}")
+    (ours_s, ours_ok, ours_rss, _), (steps_s, steps_ok, _, _) = runs["steps off"], runs["default steps"]
+    if ours_ok != len(names) or i2d_ok != len(names) or steps_ok != len(names):
+        raise SystemExit(f"not every image was downloaded: ours {ours_ok}/{steps_ok}, img2dataset {i2d_ok}")
+    costs = step_costs(stored_jpegs(args.out / "store", 200), args.out / "models")
+    for step, (cpu, wall) in costs.items():
+        print(f"  {step:<14} {cpu:8.2f} CPU ms/image {wall:8.2f} wall ms/image")
+    print(
+        f"load average after: {os.getloadavg()[0]:.1f} (other processes share these CPUs: figures are noisy)"
+    )
     ours_rate, i2d_rate = len(names) / ours_s, len(names) / i2d_s
     print(f"ours_img_s={ours_rate:.1f} img2dataset_img_s={i2d_rate:.1f} ratio={ours_rate / i2d_rate:.2f} "
-          f"peak_rss_mb={ours_rss:.0f}")  # fmt: skip
+          f"ours_default_steps_img_s={len(names) / steps_s:.1f} peak_rss_mb={ours_rss:.0f} "
+          + " ".join(f"{step}_ms={cpu:.2f}" for step, (cpu, _) in costs.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -72,17 +72,20 @@ def qr_code(modules: int = 29, module_px: int = 8, seed: int = 0) -> Image.Image
 
 
 def test_phash_catches_resized_and_reencoded_copies_and_keeps_distinct_photos(webcorpus, photos) -> None:
-    max_distance = ImageFiltersConfig().phash.max_distance
+    """Copies of each photo (downscaled, upscaled, re-encoded at low quality) hash alike or within 4 bits; the
+    corpus-wide count groups identical hashes, which most copies have. Different photos differ by ≥ 16 bits."""
     hashes = {name: perceptual_hash(luma(jpeg)) for name, (jpeg, _) in photos.items()}
     assert len(hashes) == 21
     for (a, ha), (b, hb) in itertools.combinations(hashes.items(), 2):  # 210 pairs of different photos
-        assert hamming(ha, hb) > 2 * max_distance, (a, b, hamming(ha, hb))
+        assert hamming(ha, hb) >= 16, (a, b, hamming(ha, hb))
+    distances = []
     for name, original in hashes.items():
         img = Image.open(webcorpus / "photos" / name).convert("RGB")
         for scale, quality in ((0.5, 70), (1.6, 92), (0.35, 50)):
             size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
             copy = stored(jpeg_bytes(img.resize(size, Image.Resampling.BILINEAR), quality))
-            assert hamming(original, perceptual_hash(luma(copy))) <= max_distance, (name, scale, quality)
+            distances.append(hamming(original, perceptual_hash(luma(copy))))
+    assert max(distances) <= 4 and distances.count(0) >= 0.85 * len(distances), sorted(distances)
     # Vectorised distances agree with the scalar ones.
     values = np.array(list(hashes.values()), dtype=np.int64)
     assert list(hamming(values, values[0])) == [hamming(int(h), int(values[0])) for h in values]
@@ -284,7 +287,7 @@ def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetch
         assert 0 <= row["nsfw_score"] <= 1 and row["nsfw_model"] == str(tiny_classifier)
         assert row["clip_similarity"] is None  # the step is off
     copy, original = rows[f"{base}/china-copy.jpg"], rows[f"{base}/sklearn_china.jpg"]
-    assert hamming(copy["phash"], original["phash"]) <= config.image_filters.phash.max_distance
+    assert copy["phash"] == original["phash"]  # the resized, re-encoded copy hashes alike
 
     config.image_filters.blur.min_laplacian_variance, config.image_filters.text.max_text_share = 20.0, 0.4
     fetched_before = sum(hits.values())
@@ -296,3 +299,26 @@ def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetch
         f"{base}/skimage_clock_motion.png", f"{base}/skimage_page.png"}  # fmt: skip
     table = format_funnel(funnel([store]))
     assert "image.blur" in table and "image.text_share" in table, table
+
+
+def test_image_context_is_what_the_page_says_about_the_image() -> None:
+    from m3w.pipeline.image_filters.context import image_contexts
+
+    nodes = [
+        {"kind": "text", "text": "A long   introduction."},
+        {"kind": "image", "url": "http://a/1.jpg", "alt": "  A red\nbus ", "title": "ignored"},
+        {"kind": "image", "url": "http://a/2.jpg", "alt": "", "figcaption": "The harbour at dawn."},
+        {"kind": "image", "url": "http://a/3.jpg", "alt": None, "title": "Map"},
+        {"kind": "image", "url": "http://a/4.jpg"},  # nearest text: the paragraph right after it
+        {"kind": "text", "text": "Caption-like text after the image."},
+        {"kind": "image", "url": None},
+        {"kind": "text", "text": "x" * 500},
+    ]
+    assert dict(image_contexts(nodes, 100)) == {
+        "http://a/1.jpg": "A red bus",
+        "http://a/2.jpg": "The harbour at dawn.",
+        "http://a/3.jpg": "Map",
+        "http://a/4.jpg": "Caption-like text after the image.",
+    }
+    assert dict(image_contexts([{"kind": "image", "url": "u"}], 100)) == {"u": ""}
+    assert dict(image_contexts([{"kind": "image", "url": "u"}, *nodes[-1:]], 100)) == {"u": "x" * 100}

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PerceptualHashConfig:
-    """pHash (DCT of the 32×32 luma, 64 bits) of the stored image, for near-duplicate images across URLs."""
+    """pHash (DCT of the 64×64 luma, 64 bits) of the stored image: copies of a picture under other URLs
+    (resized, re-encoded) mostly hash alike, and differ by a few bits when not; different pictures differ by
+    many (≥ 18 bits between any two webcorpus photos)."""
 
     enabled: bool = True
-    # Two images whose pHashes differ in at most this many bits are the same picture (resized, re-encoded).
-    max_distance: int = 4
-    # Drop images whose near-duplicates are used more than K times across the corpus (a corpus-wide rule of the
-    # partitioned dedup; None: only count). OBELICS's K for identical image URLs is 10.
+    # Drop images whose pHash is used more than K times across the corpus (a corpus-wide rule of the partitioned
+    # dedup, keyed on the exact pHash; None: only count). OBELICS's K for identical image URLs is 10.
     max_duplicates: int | None = None
 
 

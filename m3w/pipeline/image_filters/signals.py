@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-HASH_SIDE = 32  # pHash: DCT of the 32×32 luma, its 8×8 lowest frequencies
+HASH_SIDE = (
+    64  # pHash: DCT of the 64×64 luma, its 8×8 lowest frequencies (64: more copies hash alike than 32)
+)
 HASH_BITS = 8
 # Text share: (side the luma is reduced to, tile side) per scale: body text and fine print, headlines and QR modules.
 TEXT_SCALES = ((160, 16), (80, 8))
@@ -37,7 +39,7 @@ def _reduce(gray: np.ndarray, side: int) -> np.ndarray:
 
 def perceptual_hash(gray: np.ndarray) -> int:
     """64-bit pHash as a signed int64: bit i set when DCT coefficient i of the 8×8 lowest frequencies of the
-    32×32 luma exceeds their median (the DC term, the mean brightness, is left out of the median)."""
+    64×64 luma exceeds their median (the DC term, the mean brightness, is left out of the median)."""
     low = dctn(_reduce(gray, HASH_SIDE), type=2, norm="ortho")[:HASH_BITS, :HASH_BITS].ravel()
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">i8")[0])
