@@ -173,12 +173,15 @@ def run_img2dataset(
 
 
 def run_ours(
-    url_file: Path, store: Path, workers: int, threads: int, server: str
+    url_file: Path, store: Path, workers: int, threads: int, server: str, steps: bool
 ) -> tuple[float, int, float, dict]:
     from m3w.pipeline.images import ImagesConfig, run_images
 
     shutil.rmtree(store, ignore_errors=True)
     config = ImagesConfig(threads_per_task=threads)
+    if not steps:
+        filters = config.image_filters
+        filters.phash.enabled = filters.blur.enabled = filters.text.enabled = False
     with RssSampler(ray_workers_and_self) as rss:
         summary = run_images([url_file], store, config, workers=workers, allow_hosts=[server])
     return summary.seconds, summary.statuses.get("ok", 0), rss.peak_kb / 1024, summary.statuses
@@ -201,7 +204,7 @@ def _tiny_word_tokenizer(path: Path, texts: list[str]) -> None:
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
 
 
-def step_costs(jpegs: list[bytes], work: Path, model_images: int = 64) -> dict[str, tuple[float, float]]:
+def step_costs(jpegs: list[bytes], work: Path, model_images: int = 32) -> dict[str, tuple[float, float]]:
     """step → (CPU ms, wall ms) per image, on stored JPEGs. Cheap signals: one thread, each on top of the luma
     decode they share. Models: the default architectures with random weights, batched, all CPU threads."""
     import torch
@@ -242,11 +245,11 @@ def step_costs(jpegs: list[bytes], work: Path, model_images: int = 64) -> dict[s
         ViTImageProcessor().save_pretrained(nsfw_dir)
     clip = ClipRelevance(ClipRelevanceConfig(enabled=True, model=str(clip_dir), batch_size=32, device="cpu"))
     nsfw = NsfwClassifier(NsfwConfig(enabled=True, model=str(nsfw_dir), batch_size=32, device="cpu"))
+    clip.score(images[:2], texts[:2]), nsfw.score(images[:2])  # warm-up: first-call allocations
     for name, run in (
         ("clip_b32", lambda: clip.score(images, texts)),
         ("nsfw_vit_b16", lambda: nsfw.score(images)),
     ):
-        run()  # warm-up: first-call allocations
         start, cpu = time.monotonic(), time.process_time()
         run()
         costs[name] = (
