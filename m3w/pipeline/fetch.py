@@ -697,9 +697,13 @@ class SafeFetcher:
                 if not conns:
                     del self._idle[key]
             sock = conn.sock
-            # An idle socket that is readable has been closed (or sent garbage) by the server: drop it.
-            if sock is not None and not select.select([sock], [], [], 0)[0]:
-                return conn
+            # An idle socket that is readable has been closed (or sent garbage) by the server: drop it. (poll, not
+            # select: a process with many connections has descriptors above select's 1024.)
+            if sock is not None:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if not poller.poll(0):
+                    return conn
             conn.close()
 
     def _close(self, exchange: _Exchange) -> None:
