@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from m3w.config import load_config
-from m3w.pipeline.docs import iter_documents
 from m3w.pipeline.filter import EXCLUDED_DIR, run_filter
 from m3w.pipeline.filters import FilterConfig
 from m3w.pipeline.filters.signals import minhash_signature
-from m3w.schemas.documents import DOCUMENT_SCHEMA
+from m3w.schemas.documents import DOCUMENT_SCHEMA, iter_documents
 
 K = 10
 # Only dedup: the quality filters are off so that every drop here is a dedup decision.

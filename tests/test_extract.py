@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from m3w.pipeline.docs import iter_documents, to_jsonl_record
+from m3w.pipeline.docs import to_jsonl_record
 from m3w.pipeline.extract import ExtractConfig, iter_warc_documents, run_extract, unit_id
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.warc import resolve_inputs
-from m3w.schemas.documents import METADATA_KEY, SCHEMA_VERSION
+from m3w.schemas.documents import METADATA_KEY, SCHEMA_VERSION, iter_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBCORPUS_PAGES = 1329  # HTML responses (any status) in webcorpus/warc/*.warc.gz

@@ -21,12 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from m3w.config import load_config
-from m3w.pipeline.docs import document_text, iter_documents
+from m3w.pipeline.docs import document_text
 from m3w.pipeline.filter import EXCLUDED_DIR, MEASURES, run_filter
 from m3w.pipeline.filters import FilterConfig
 from m3w.pipeline.filters.lang import identify
 from m3w.pipeline.stats import format_funnel, funnel
-from m3w.schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, SCHEMA_VERSION, check_version
+from m3w.schemas.documents import (
+    DOCUMENT_SCHEMA,
+    EXCLUDED_SCHEMA,
+    SCHEMA_VERSION,
+    check_version,
+    iter_documents,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

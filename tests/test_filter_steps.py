@@ -16,6 +16,7 @@ from m3w.config import load_config
 from m3w.pipeline.dedup import DedupDecisions
 from m3w.pipeline.filter import DocumentFilter
 from m3w.pipeline.filters import (
+    CaptionFilterConfig,
     FilterConfig,
     ImageItem,
     check_caption_text,
@@ -204,17 +205,18 @@ def test_check_image_size_contract_for_the_images_stage():
 
 
 def test_check_caption_text_contract_for_the_shards_stage():
+    captions = CaptionFilterConfig()
     ok, _ = check_caption_text(
-        "Two developers with pose estimation visualization.", CONFIG
+        "Two developers with pose estimation visualization.", captions
     )  # allenai.org alt
     assert ok
-    ok, reason = check_caption_text("August2023PaperPM.png", CONFIG)  # talaugust.github.io alt: a file name
+    ok, reason = check_caption_text("August2023PaperPM.png", captions)  # talaugust.github.io alt: a file name
     assert not ok and reason.startswith("caption.placeholder")
-    ok, reason = check_caption_text("logo", CONFIG)
+    ok, reason = check_caption_text("logo", captions)
     assert not ok and reason == "caption.min_words: words=1 < 3"
-    ok, reason = check_caption_text("!!! $$$ ### 2023-09-01 12:00 ***", CONFIG)
+    ok, reason = check_caption_text("!!! $$$ ### 2023-09-01 12:00 ***", captions)
     assert not ok and reason.startswith("caption.special_chars")
-    one_word = load_config(FilterConfig, None, ["caption.min_words=1"])
+    one_word = load_config(CaptionFilterConfig, None, ["min_words=1"])
     assert check_caption_text("Seattle", one_word) == (True, "")
 
 

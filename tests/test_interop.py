@@ -6,12 +6,15 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from m3w.cli import main
 from m3w.pipeline.filter import run_filter
 from m3w.pipeline.imagestore import ImageStore
-from m3w.pipeline.interop import export_obelics, run_import
+from m3w.pipeline.interop import export_obelics, run_import, webdataset_features
 from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
-from m3w.schemas.documents import SCHEMA_VERSION, check_version
+from m3w.pipeline.tario import iter_tar_samples
+from m3w.schemas.documents import SCHEMA_VERSION, check_version, iter_documents
 
 OBELICS_COLUMNS = {"images", "metadata", "general_metadata", "texts"}
 NODE_FIELDS = ("kind", "text", "url", "alt", "title", "figcaption", "width", "height")
@@ -38,18 +41,23 @@ def source_docs(shards_corpus) -> list[dict]:
     ]
 
 
-def test_export_has_obelics_columns_in_both_formats(shards_corpus, source_docs, tmp_path):
+def load_export(out):
+    """An export as a user loads it: `datasets.load_dataset` on the directory (its card names the data files)."""
     import datasets
 
-    result = export_obelics([shards_corpus.filtered], tmp_path, store=shards_corpus.store)
-    hf = datasets.load_from_disk(result["hf"])
-    pq_ds = datasets.Dataset.from_parquet(result["parquet"])
-    for ds in (hf, pq_ds):
-        assert set(ds.column_names) == OBELICS_COLUMNS
-        assert len(ds) == len(source_docs) == result["documents"]
+    return datasets.load_dataset(str(out), split="train", cache_dir=str(out.parent / "hf-cache"))
+
+
+def test_export_has_obelics_columns_and_a_card(shards_corpus, source_docs, tmp_path):
+    result = export_obelics([shards_corpus.filtered], tmp_path / "export", store=shards_corpus.store)
+    ds = load_export(tmp_path / "export")
+    assert set(ds.column_names) == OBELICS_COLUMNS
+    assert len(ds) == len(source_docs) == result["documents"]
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"num_examples: {len(source_docs)}" in card and "path: data/train-*.parquet" in card
     store = ImageStore(shards_corpus.store)
     images = 0
-    for row in hf:
+    for row in ds:
         assert len(row["texts"]) == len(row["images"]) == len(json.loads(row["metadata"]))
         assert all((t is None) != (i is None) for t, i in zip(row["texts"], row["images"]))
         urls = [i for i in row["images"] if i is not None]
@@ -61,9 +69,30 @@ def test_export_has_obelics_columns_in_both_formats(shards_corpus, source_docs, 
     assert images == result["images"] > 0
 
 
+def test_export_reads_only_the_filter_outputs_documents(shards_corpus, tmp_path):
+    """Issue 13, defect 1: a real filter output holds excluded/ and _cache/ parquet files of other schemas beside
+    its documents; export reads the documents only (it used to search subfolders and stop at a version
+    mismatch). Through the CLI, as a user runs it, with small shards: streamed, split, nothing lost."""
+    filter_out = shards_corpus.documents.parent / "filter_out"
+    assert (filter_out / "excluded").is_dir() and any((filter_out / "_cache").rglob("*.parquet"))
+    kept = len(list(iter_documents(filter_out)))
+    result = CliRunner().invoke(
+        main,
+        ["interop", "export", str(filter_out), "--out", str(tmp_path / "export"), "--rows-per-shard", "10"],
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "export" / "data").glob("*.parquet"))
+    assert [f.name for f in files] == [f"train-{i:05d}.parquet" for i in range(-(-kept // 10))]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files[:-1]] == [10] * (len(files) - 1)
+    ds = load_export(tmp_path / "export")
+    assert len(ds) == kept and f"{kept} documents" in result.output
+    urls = [json.loads(row["general_metadata"])["url"] for row in ds]
+    assert urls == [d["url"] for d in iter_documents(filter_out)]  # in document order
+
+
 def test_obelics_round_trip(shards_corpus, source_docs, tmp_path, ray_address):
-    result = export_obelics([shards_corpus.filtered], tmp_path / "export", formats=("parquet",))
-    summary = run_import([result["parquet"]], tmp_path / "documents", "obelics", ray_address=ray_address)
+    result = export_obelics([shards_corpus.filtered], tmp_path / "export")
+    summary = run_import(result["shards"], tmp_path / "documents", "obelics", ray_address=ray_address)
     assert summary.failed == 0
     imported = read_docs(tmp_path / "documents")
     assert len(imported) == len(source_docs)
@@ -77,8 +106,8 @@ def test_obelics_round_trip(shards_corpus, source_docs, tmp_path, ray_address):
 
 
 def test_imported_documents_flow_into_shards(shards_corpus, tmp_path, ray_address):
-    result = export_obelics([shards_corpus.filtered], tmp_path / "export", formats=("parquet",))
-    run_import([result["parquet"]], tmp_path / "documents", "obelics", ray_address=ray_address)
+    result = export_obelics([shards_corpus.filtered], tmp_path / "export")
+    run_import(result["shards"], tmp_path / "documents", "obelics", ray_address=ray_address)
     run_filter(tmp_path / "documents", tmp_path / "filtered", ray_address=ray_address)
     assert len(read_docs(tmp_path / "filtered")) > 20
     shards = run_m3w_shards([tmp_path / "filtered"], shards_corpus.store, tmp_path / "shards", ShardsConfig(),
@@ -174,3 +203,30 @@ def test_mmc4_round_trip(source_docs, tmp_path, ray_address):
     again = run_import([src], tmp_path / "docs2", "mmc4", ray_address=ray_address)
     assert again.failed == 0
     assert [d["doc_id"] for d in read_docs(tmp_path / "docs2")] == [d["doc_id"] for d in imported]
+
+
+def test_m3w_shards_load_with_hf_datasets_webdataset(shards_corpus, tmp_path, ray_address):
+    """Hugging Face `datasets` reads m3w's WebDataset tars offline with its "webdataset" builder, given the
+    features of a set whose samples carry 1 to 5 images (inferring them from the first samples fails)."""
+    import datasets
+
+    run_m3w_shards([shards_corpus.filtered], shards_corpus.store, tmp_path / "shards", ShardsConfig(shard_max_samples=20),
+                   ray_address=ray_address)  # fmt: skip
+    tars = sorted(str(p) for p in (tmp_path / "shards" / "m3w").glob("*.tar"))
+    manifest = json.loads((tmp_path / "shards" / "m3w" / "shards.json").read_text())
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
+                               features=webdataset_features(manifest["max_media"] * manifest["num_frames"]),
+                               cache_dir=str(tmp_path / "hf-cache"))  # fmt: skip
+    ours = {key: files for tar in tars for key, files in iter_tar_samples(tar)}
+    assert len(ds) == len(ours) == manifest["totals"]["samples"] > 20
+    counts = set()
+    for row in ds.cast_column("0.jpg", datasets.Image(decode=False)):
+        files = ours[row["__key__"]]
+        sample = json.loads(files["json"])
+        assert row["json"]["input_ids"] == sample["input_ids"] and row["json"]["images"] == sample["images"]
+        assert row["json"]["provenance"]["token_start"] == sample["provenance"]["token_start"]
+        assert row["0.jpg"]["bytes"] == files["0.jpg"]
+        present = [k for k in (f"{i}.jpg" for i in range(5)) if row[k] is not None]
+        assert present == sample["images"]
+        counts.add(len(present))
+    assert len(counts) > 1  # samples with different numbers of images, in one dataset

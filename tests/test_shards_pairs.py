@@ -7,7 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from m3w.pipeline.filters import FilterConfig, check_caption_text
+from m3w.config import load_config
+from m3w.pipeline.filters import CaptionFilterConfig, check_caption_text
 from m3w.pipeline.imagestore import ImageStore
 from m3w.pipeline.shards import ShardsConfig, run_pair_shards
 from m3w.pipeline.tario import iter_tar_samples
@@ -65,7 +66,7 @@ def test_pairs_are_image_text_eoc_within_budget(pairs_out, shards_corpus, datase
         )
         source = " ".join(source.split())
         assert source.startswith(body.rstrip("\ufffd"))  # truncated at the token budget, never rewritten
-        assert check_caption_text(source, FilterConfig())[0]
+        assert check_caption_text(source, CaptionFilterConfig())[0]
         texts.add((files["0.jpg"], body))
     assert len(texts) == len(samples)  # deduplicated
 
@@ -77,3 +78,22 @@ def test_pair_counts_say_why_images_were_skipped(pairs_out):
     assert counts["skip.image_not_stored"] > 0
     assert any(k.startswith("alt_pairs.skip.caption.") for k in counts)  # the caption text filters ran
     assert counts["alt_pairs.truncated"] > 0 or counts["caption_pairs.truncated"] > 0
+
+
+def test_caption_rules_come_from_the_shards_config(pairs_out, shards_corpus, tmp_path, ray_address):
+    """Issue 13, defect 2: the pairs stage applied hard-coded caption rules whatever the config said. Its rules are
+    ShardsConfig.pairs.caption (shards.yaml `pairs: caption:`, or --set pairs.caption.min_words=N)."""
+    _, default = pairs_out
+    config = load_config(ShardsConfig, overrides=["pairs.caption.min_words=6", "shard_max_samples=40"])
+    stricter = run_pair_shards([shards_corpus.filtered], shards_corpus.store, tmp_path, config, workers=2,
+                               ray_address=ray_address)  # fmt: skip
+    for dataset in ("alt_pairs", "caption_pairs"):
+        kept = stricter[dataset]["totals"]["samples"]
+        assert 0 < kept < default[dataset]["totals"]["samples"], dataset
+        for _, files in samples_of(tmp_path / dataset):
+            body = json.loads(files["json"])["text"][len(MEDIA_TOKEN) : -len(EOC_TOKEN)]
+            assert len(body.split()) >= 6
+    counts = stricter["alt_pairs"]["unit_counts"]
+    assert counts["alt_pairs.skip.caption.min_words"] > default["alt_pairs"]["unit_counts"].get(
+        "alt_pairs.skip.caption.min_words", 0
+    )

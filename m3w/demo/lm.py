@@ -13,19 +13,18 @@ import argparse
 import random
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
+
+from m3w.schemas.documents import iter_documents
 
 
 def document_texts(filtered_dir: Path) -> list[str]:
-    """The text of each kept document (its text nodes in order). Only the filter's own outputs: excluded/ and
-    caches live in subdirectories."""
+    """The text of each kept document (its text nodes in order)."""
     texts = []
-    for path in sorted(filtered_dir.glob("*.parquet")):
-        for nodes in pq.read_table(path, columns=["nodes"]).column("nodes").to_pylist():
-            text = "\n".join(n["text"] for n in nodes if n["kind"] == "text" and n["text"])
-            if text:
-                texts.append(text)
+    for doc in iter_documents(filtered_dir, columns=["nodes"]):
+        text = "\n".join(n["text"] for n in doc["nodes"] if n["kind"] == "text" and n["text"])
+        if text:
+            texts.append(text)
     if not texts:
         raise ValueError(f"no document text in {filtered_dir}")
     return texts

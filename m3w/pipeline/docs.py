@@ -1,4 +1,4 @@
-"""Read documents back: `iter_documents` (for every later stage) and `m3w docs to-jsonl` (for people).
+"""`m3w docs to-jsonl`: documents for people (the stages read them with m3w.schemas.documents.iter_documents).
 
 `to-jsonl` prints one JSON object per document, a stable format people grep:
 `url`, `warc_record_id`, `text` (plain text, the literal `<image>` where each image stands, paragraphs separated
@@ -10,38 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 
-from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT, SCHEMA_VERSION, check_version
+from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT, iter_documents
 
 IMAGE_MARKER = "<image>"
-
-
-def document_files(path: str | Path) -> list[Path]:
-    """The parquet files of a documents/ (or filtered/) directory in name order, or the one file given."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if path.is_file():
-        return [path]
-    raise FileNotFoundError(f"no documents at {path}")
-
-
-def iter_documents(
-    path_or_dir: str | Path, columns: list[str] | None = None, batch_size: int = 256
-) -> Iterator[dict[str, Any]]:
-    """Documents as dicts, file by file and in row order, streaming row groups (never a whole file at once)."""
-    import pyarrow.parquet as pq
-
-    for file in document_files(path_or_dir):
-        parquet = pq.ParquetFile(file)
-        check_version(parquet.schema_arrow, SCHEMA_VERSION)
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-            yield from batch.to_pylist()
 
 
 def document_text(nodes: list[dict[str, Any]]) -> str:

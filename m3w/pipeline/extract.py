@@ -102,25 +102,15 @@ def iter_warc_documents(warc_path: str, config: ExtractConfig, counts: Counter) 
 
 def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, int]]:
     """Ray task: one WARC → `<out_dir>/<unit>.parquet`, written atomically. Returns (relpath, counts)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from m3w.schemas.documents import DOCUMENT_SCHEMA
+    from m3w.schemas.documents import DocumentWriter
 
     warc_path, out_dir, config_dict = args
     config = from_dict(ExtractConfig, config_dict)
     relpath = f"{unit_id(warc_path)}.parquet"
     counts: Counter = Counter()
-    with atomic_path(Path(out_dir) / relpath) as tmp:
-        with pq.ParquetWriter(tmp, DOCUMENT_SCHEMA, compression="zstd") as writer:
-            rows: list[dict[str, Any]] = []
-            for row in iter_warc_documents(warc_path, config, counts):
-                rows.append(row)
-                if len(rows) >= config.rows_per_group:
-                    writer.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA))
-                    rows = []
-            if rows or not counts["documents"]:
-                writer.write_table(pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA))
+    with atomic_path(Path(out_dir) / relpath) as tmp, DocumentWriter(tmp, config.rows_per_group) as writer:
+        for row in iter_warc_documents(warc_path, config, counts):
+            writer.write(row)
     return relpath, dict(counts)
 
 

@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 from m3w.cli import OutputDir, stage_options
 from m3w.config import to_dict
 from m3w.pipeline.dedup import DedupDecisions, load_decisions, run_dedup
-from m3w.pipeline.docs import document_files, iter_documents
 from m3w.pipeline.filters import (
     DOMAIN_PARAGRAPH,
     IMAGE_FREQUENCY,
@@ -47,7 +46,14 @@ from m3w.pipeline.filters.text import MAX_STATS_CHARS, TextStats, word_repetitio
 from m3w.pipeline.io import atomic_path, stable_hash, write_parquet_atomic
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, init_ray, run_units
-from m3w.schemas.documents import DOCUMENT_SCHEMA, EXCLUDED_SCHEMA, NODE_IMAGE, NODE_TEXT
+from m3w.schemas.documents import (
+    NODE_IMAGE,
+    NODE_TEXT,
+    DocumentWriter,
+    document_files,
+    iter_documents,
+    write_excluded,
+)
 from m3w.schemas.filter_cache import SIGNALS_VERSION
 
 STAGE = "filter"
@@ -285,23 +291,14 @@ def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
     excluded: list[dict[str, Any]] = []
     # Kept documents stream out in row groups. Each file is renamed into place only when whole, and the
     # manifest records the unit only after both exist, so a killed unit is simply redone.
-    with (
-        atomic_path(out_dir / output) as tmp,
-        pq.ParquetWriter(tmp, DOCUMENT_SCHEMA, compression="zstd") as writer,
-    ):
-        kept: list[dict[str, Any]] = []
+    with atomic_path(out_dir / output) as tmp, DocumentWriter(tmp, ROWS_PER_GROUP) as writer:
         for doc in iter_documents(task.docs_path):
             out, dropped = doc_filter(doc, signals[doc["doc_id"]])
             excluded.extend(dropped)
             if out is not None:
-                kept.append(out)
-            if len(kept) >= ROWS_PER_GROUP:
-                writer.write_table(pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA))
-                kept = []
-        writer.write_table(pa.Table.from_pylist(kept, schema=DOCUMENT_SCHEMA))
-    write_parquet_atomic(
-        pa.Table.from_pylist(excluded, schema=EXCLUDED_SCHEMA), out_dir / EXCLUDED_DIR / output
-    )
+                writer.write(out)
+    with atomic_path(out_dir / EXCLUDED_DIR / output) as tmp:
+        write_excluded(excluded, tmp)
     counts = Counter(doc_filter.funnel.counts)
     for step in doc_filter.steps():
         counts[f"seen.{step.name}"] += sum(step.counters.values())

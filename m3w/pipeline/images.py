@@ -30,13 +30,10 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import click
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m3w.cli import OutputDir, stage_options
 from m3w.config import to_dict
-from m3w.pipeline.docs import document_files
 from m3w.pipeline.fetch import FetchConfig, shared_fetcher
 from m3w.pipeline.filters import ImageFilterConfig, check_image_size
 from m3w.pipeline.image_filters import ImageFilters, ImageFiltersConfig
@@ -47,7 +44,7 @@ from m3w.pipeline.io import stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
 from m3w.pipeline.stats import current_totals
-from m3w.schemas import documents as doc_spec
+from m3w.schemas.documents import iter_image_urls
 from m3w.schemas.images import IMAGE_FILTERS_FILE
 
 RESIZE_MODES = ("center_crop", "pad", "keep_ratio")
@@ -304,25 +301,11 @@ def fetch_chunk(args: ChunkArgs) -> tuple[str, dict[str, int]]:
 # ------------------------------------------------------------------------------------------------- inputs
 
 
-def _parquet_image_urls(path: Path) -> Iterator[str]:
-    schema = pq.read_schema(path)
-    version = (schema.metadata or {}).get(doc_spec.METADATA_KEY, b"").decode()
-    if version != doc_spec.SCHEMA_VERSION:  # excluded/ tables, other stages' files: not documents
-        return
-    nodes = pc.list_flatten(pq.read_table(path, columns=["nodes"]).column("nodes"))
-    is_image = pc.and_(pc.equal(pc.struct_field(nodes, "kind"), doc_spec.NODE_IMAGE),
-                       pc.is_valid(pc.struct_field(nodes, "url")))  # fmt: skip
-    yield from pc.struct_field(nodes, "url").filter(is_image).to_pylist()
-
-
 def iter_input_urls(inputs: Iterable[str | Path]) -> Iterator[str]:
     """Image URLs of filtered/ directories or parquet files (image nodes), or of text files (one URL a line)."""
     for path in map(Path, inputs):
-        if path.is_dir():  # its document files only: excluded/ and _cache/ are not inputs
-            for file in document_files(path):
-                yield from _parquet_image_urls(file)
-        elif path.suffix == ".parquet":
-            yield from _parquet_image_urls(path)
+        if path.is_dir() or path.suffix == ".parquet":  # a directory's own documents: not excluded/, _cache/
+            yield from iter_image_urls(path)
         elif path.is_file():
             with open(path, encoding="utf-8") as f:
                 for line in f:

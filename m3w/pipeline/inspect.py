@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from m3w.errors import UserError
 from m3w.pipeline.tario import iter_tar_samples
 from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 from m3w.schemas import shards as shard_spec
@@ -154,22 +155,20 @@ def render_inspect(
     """
     path = Path(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         from m3w.pipeline.imagestore import ImageStore
         from m3w.pipeline.tokenizer import load_tokenizer
+        from m3w.schemas.documents import iter_documents
 
         tok = load_tokenizer(tokenizer)
         image_store = ImageStore(store) if store else None
-        batches = pq.ParquetFile(path).iter_batches(batch_size=64)
-        rows = islice((row for batch in batches for row in batch.to_pylist()), limit)
+        rows = islice(iter_documents(path, batch_size=64), limit)
         blocks = [render_document(doc, image_store, tok) for doc in rows]
         kind = "documents"
     elif path.suffix == ".tar" or path.is_dir():
         blocks = [render_sample(key, files) for key, files in islice(iter_shard_samples(path), limit)]
         kind = "samples"
     else:
-        raise click.BadParameter(f"{path}: expected a .tar shard, a shard directory or a .parquet file")
+        raise UserError(f"{path}: expected a .tar shard, a shard directory or a .parquet file")
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>m3w inspect: {html.escape(path.name)}</title>'
         f"<style>{STYLE}</style></head><body><h1>m3w inspect: {html.escape(str(path))}</h1>"

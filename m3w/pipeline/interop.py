@@ -1,17 +1,15 @@
-"""Interop with the published interleaved corpora: OBELICS (export and import) and MMC4 (import).
+"""Interop with the published interleaved corpora: OBELICS (export and import) and MMC4 (import); their columns
+are described in m3w/schemas/interop.py.
 
-OBELICS (Laurençon et al. 2023, HF `HuggingFaceM4/OBELICS`) stores a document as aligned lists: `texts[i]` and
-`images[i]` (exactly one of the two is null at each position), `metadata` (a JSON string: one entry per
-position, image metadata or null) and `general_metadata` (a JSON string: url, warc_filename, warc_record_offset,
-warc_record_length). MMC4 (Zhu et al. 2023) stores `text_list` (sentences) and `image_info` (one dict per image
-with `raw_url` and `matched_text_index`, the sentence the image was assigned to).
-
-Imports write `documents/` parquet in DOCUMENT_SCHEMA (one output file per input file, through `run_units`), so
-imported corpora flow through filter → images → shards like extracted ones.
+Export streams filtered documents into parquet shards with OBELICS's columns plus a dataset card (README.md), a
+directory `datasets.load_dataset` reads and the Hub takes as is. Imports write `documents/` parquet (one output
+file per input file, through `run_units`), so imported corpora flow through filter → images → shards like
+extracted ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -25,14 +23,19 @@ import pyarrow.parquet as pq
 
 from m3w.cli import OutputDir, ray_options
 from m3w.errors import UserError
-from m3w.pipeline.io import stable_hash, write_parquet_atomic
+from m3w.pipeline.io import atomic_open, atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
-from m3w.schemas.documents import DOCUMENT_SCHEMA, NODE_IMAGE, NODE_TEXT, SCHEMA_VERSION, check_version
-from m3w.schemas.interop import FORMATS, REQUIRED_COLUMNS
-
-IMAGE_FIELDS = ("url", "alt", "title", "figcaption", "width", "height")
-
+from m3w.schemas.documents import (
+    NODE_IMAGE,
+    NODE_TEXT,
+    SCHEMA_VERSION,
+    DocumentWriter,
+    document_files,
+    open_documents,
+)
+from m3w.schemas.images import STATUS_OK
+from m3w.schemas.interop import FORMATS, OBELICS_CARD, OBELICS_DATA_DIR, OBELICS_SCHEMA, REQUIRED_COLUMNS
 
 # ---------------------------------------------------------------------------------------------------------
 # m3w documents → OBELICS
@@ -83,52 +86,193 @@ def to_obelics(doc: dict, image_ok: set[str] | None = None) -> dict:
     }
 
 
-def read_document_files(inputs: Iterable[str | Path]) -> Iterator[dict]:
-    for path in sorted_inputs(inputs, (".parquet",)):
-        pf = pq.ParquetFile(path)
-        check_version(pf.schema_arrow, SCHEMA_VERSION)
-        for batch in pf.iter_batches(batch_size=512):
-            yield from batch.to_pylist()
+class ShardedParquet:
+    """Rows into `<directory>/<prefix>-00000.parquet`, `-00001`, ...: a new file every `rows_per_shard` rows, a row
+    group every `rows_per_group`. Each file is written under a temp name and renamed when complete."""
+
+    def __init__(
+        self, directory: Path, prefix: str, schema: pa.Schema, rows_per_shard: int, rows_per_group: int = 1000
+    ) -> None:
+        self.directory, self.prefix, self.schema = directory, prefix, schema
+        self.rows_per_shard, self.rows_per_group = rows_per_shard, rows_per_group
+        self.shards: list[str] = []
+        self.rows: list[dict] = []
+        self.in_shard = 0
+        self._stack = contextlib.ExitStack()
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, row: dict) -> None:
+        if self._writer is None:
+            name = f"{self.prefix}-{len(self.shards):05d}.parquet"
+            tmp = self._stack.enter_context(atomic_path(self.directory / name))
+            self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, self.schema, compression="zstd"))
+            self.shards.append(name)
+        self.rows.append(row)
+        self.in_shard += 1
+        if len(self.rows) >= self.rows_per_group or self.in_shard >= self.rows_per_shard:
+            self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+        if self.in_shard >= self.rows_per_shard:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        self._stack.close()  # closes the writer, then renames the temp file into place
+        self._stack, self._writer, self.in_shard = contextlib.ExitStack(), None, 0
+
+    def __enter__(self) -> ShardedParquet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self._stack.__exit__(exc_type, *exc)  # the temp file of the shard being written is removed
+            return
+        if self._writer is not None and self.rows:
+            self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+        if self._writer is not None:
+            self._finish_shard()
 
 
 def export_obelics(
-    inputs: Iterable[str | Path], out: str | Path, store: str | Path | None = None, formats=("hf", "parquet")
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    store: str | Path | None = None,
+    rows_per_shard: int = 100_000,
+    batch_size: int = 512,
 ) -> dict[str, Any]:
-    """Filtered documents → a `datasets.Dataset` with OBELICS's columns, saved with `save_to_disk` (out/hf) and
-    as parquet (out/parquet/obelics.parquet). With `store`, only images stored with status ok are kept."""
-    import datasets
+    """Filtered documents → parquet shards with OBELICS's columns in `out/data/` and a dataset card
+    `out/README.md`: `datasets.load_dataset(out)` reads it, and it can be pushed to the Hugging Face Hub as is.
 
+    Streams: one batch of documents in memory at a time, whatever the corpus size. Only a directory's own
+    documents are read (not excluded/ nor _cache/). With `store`, an image node is kept only if the store holds
+    its image with status ok (looked up batch by batch)."""
     from m3w.pipeline.imagestore import ImageStore
 
-    docs = list(read_document_files(inputs))
-    image_ok = None
-    if store is not None:
-        urls = {n["url"] for d in docs for n in d["nodes"] if n["kind"] == NODE_IMAGE and n.get("url")}
-        image_ok = {u for u, row in ImageStore(store).lookup(urls).items() if row["status"] == "ok"}
-    features = datasets.Features(
-        {
-            "images": datasets.Sequence(datasets.Value("string")),
-            "metadata": datasets.Value("string"),
-            "general_metadata": datasets.Value("string"),
-            "texts": datasets.Sequence(datasets.Value("string")),
-        }
-    )
-    rows = [to_obelics(d, image_ok) for d in docs]
-    ds = datasets.Dataset.from_list(rows, features=features)
+    inputs = [str(p) for p in inputs]
+    files = [f for path in inputs for f in document_files(path)]
+    if not files:
+        raise UserError(f"no documents (*.parquet) in {', '.join(inputs)}")
     out = Path(out)
-    written = {}
-    if "hf" in formats:
-        ds.save_to_disk(str(out / "hf"))
-        written["hf"] = str(out / "hf")
-    if "parquet" in formats:
-        (out / "parquet").mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(out / "parquet" / "obelics.parquet"))
-        written["parquet"] = str(out / "parquet" / "obelics.parquet")
+    images = ImageStore(store) if store is not None else None
+    counts: Counter = Counter()
+    with ShardedParquet(out / OBELICS_DATA_DIR, "train", OBELICS_SCHEMA, rows_per_shard) as shards:
+        for file in files:
+            for batch in open_documents(file).iter_batches(batch_size=batch_size):
+                docs = batch.to_pylist()
+                image_ok = None
+                if images is not None:
+                    urls = {
+                        n["url"] for d in docs for n in d["nodes"] if n["kind"] == NODE_IMAGE and n.get("url")
+                    }
+                    image_ok = {u for u, row in images.lookup(urls).items() if row["status"] == STATUS_OK}
+                for doc in docs:
+                    row = to_obelics(doc, image_ok)
+                    shards.write(row)
+                    counts["documents"] += 1
+                    counts["images"] += sum(i is not None for i in row["images"])
+                    counts["texts"] += sum(t is not None for t in row["texts"])
+    card = out / OBELICS_CARD
+    with atomic_open(card, "w") as f:
+        f.write(dataset_card(dict(counts), len(shards.shards), inputs, store))
     return {
-        "documents": len(rows),
-        "images": sum(i is not None for r in rows for i in r["images"]),
-        **written,
+        **counts,
+        "shards": [str(out / OBELICS_DATA_DIR / name) for name in shards.shards],
+        "card": str(card),
     }
+
+
+def dataset_card(counts: dict[str, int], shards: int, inputs: list[str], store: str | Path | None) -> str:
+    """README.md of an export: the Hub's YAML header (data files, features, size) and what the corpus is."""
+    from m3w import __version__
+
+    images = (
+        f"only images the store at `{store}` holds (status ok)"
+        if store
+        else "every image node, fetched or not"
+    )
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {OBELICS_DATA_DIR}/train-*.parquet
+dataset_info:
+  features:
+  - name: images
+    sequence: string
+  - name: metadata
+    dtype: string
+  - name: general_metadata
+    dtype: string
+  - name: texts
+    sequence: string
+  splits:
+  - name: train
+    num_examples: {counts.get("documents", 0)}
+---
+
+# Interleaved image-text documents (OBELICS format)
+
+Web documents built with [m3w](https://github.com/m3w/m3w) {__version__}: text and images in page order, after
+m3w's quality filters and corpus-wide dedup, in the columns of
+[OBELICS](https://huggingface.co/datasets/HuggingFaceM4/OBELICS).
+
+| documents | images | text chunks | parquet files |
+| ---: | ---: | ---: | ---: |
+| {counts.get("documents", 0):,} | {counts.get("images", 0):,} | {counts.get("texts", 0):,} | {shards} |
+
+## Columns
+
+- `texts`, `images`: aligned lists, one entry per position in the document; at each position exactly one of the
+  two is null. `images` holds image URLs ({images}).
+- `metadata`: a JSON string, one entry per position: null for text, for an image its `src`, `alt_text`,
+  `title`, `figcaption` and declared `original_width` / `original_height`.
+- `general_metadata`: a JSON string: the page `url`, `warc_filename`, `warc_record_offset`, `warc_record_length`,
+  and m3w's `warc_record_id`, `fetch_date`, `title`, `domain`, `m3w_doc_id`.
+
+## Load
+
+```python
+import datasets
+ds = datasets.load_dataset("path/to/this/directory", split="train")
+```
+
+Built from: {", ".join(f"`{p}`" for p in inputs)}.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# m3w shards → Hugging Face datasets
+
+
+def webdataset_features(media_files: int):
+    """`datasets.Features` for m3w's WebDataset shards, for HF's "webdataset" builder:
+
+        datasets.load_dataset("webdataset", data_files={"train": tars}, features=webdataset_features(5))
+
+    Samples of a shard set carry 1 to N media files (`0.jpg` ...), which the builder cannot infer from its first
+    examples (it wants one set of files per sample): with these features a sample's missing files are None.
+    `media_files` is max_media × num_frames from the set's shards.json (M3W: 5; pairs: 1; video: T). The sample
+    JSON is a struct of m3w.schemas.shards' fields; provenance has the union of every dataset's keys."""
+    import datasets
+
+    string, int64 = datasets.Value("string"), datasets.Value("int64")
+    provenance = {
+        **{k: string for k in ("doc_id", "url", "warc_path", "warc_record_id", "image_url", "fill")},
+        **{k: int64 for k in ("warc_offset", "window_index", "token_start", "table_row", "distinct_frames")},
+        "node_indices": datasets.Sequence(int64),
+        "frame_times": datasets.Sequence(datasets.Value("float64")),
+        "duration": datasets.Value("float64"),
+    }
+    sample = {
+        **{k: string for k in ("schema", "dataset", "text", "media_kind")},
+        "input_ids": datasets.Sequence(int64),
+        "images": datasets.Sequence(string),
+        "num_frames": int64,
+        "tokenizer": {"name": string, "fingerprint": string},
+        "provenance": provenance,
+    }
+    media = {f"{i}.jpg": datasets.Image() for i in range(media_files)}
+    return datasets.Features({"__key__": string, "__url__": string, "json": sample, **media})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,17 +425,19 @@ def import_unit(args: dict) -> tuple[str, dict[str, int]]:
     path, fmt, out = Path(args["input"]), args["format"], Path(args["out"])
     convert = CONVERTERS[fmt]
     counts: Counter = Counter()
-    docs = []
-    for index, row in enumerate(read_rows(path)):
-        counts["rows"] += 1
-        doc = convert(row, path.name, index, counts)
-        if doc is None:
-            continue
-        docs.append(doc)
-        counts["documents"] += 1
-        counts["images"] += sum(n["kind"] == NODE_IMAGE for n in doc["nodes"])
     relpath = f"{args['unit']}.parquet"
-    write_parquet_atomic(pa.Table.from_pylist(docs, schema=DOCUMENT_SCHEMA), out / relpath)
+    with (
+        atomic_path(out / relpath) as tmp,
+        DocumentWriter(tmp) as writer,
+    ):  # streamed: one row group in memory
+        for index, row in enumerate(read_rows(path)):
+            counts["rows"] += 1
+            doc = convert(row, path.name, index, counts)
+            if doc is None:
+                continue
+            writer.write(doc)
+            counts["documents"] += 1
+            counts["images"] += sum(n["kind"] == NODE_IMAGE for n in doc["nodes"])
     return relpath, dict(counts)
 
 
@@ -341,16 +487,19 @@ def interop_group() -> None:
 
 @interop_group.command("export")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path())
+@click.option("--out", required=True, type=OutputDir(), help="Directory for data/*.parquet and README.md.")
 @click.option(
     "--images", "store", type=click.Path(exists=True), help="Keep only images stored with status ok."
 )
-@click.option("--format", "formats", multiple=True, type=click.Choice(["hf", "parquet"]), default=("hf", "parquet"),
-              show_default=True, help="save_to_disk directory and/or a parquet file.")  # fmt: skip
-def export_cmd(inputs, out, store, formats) -> None:
-    """Filtered documents (INPUTS) → a Hugging Face dataset with OBELICS's columns."""
-    result = export_obelics(inputs, out, store, formats)
-    click.echo(json.dumps(result))
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Documents per parquet file.")  # fmt: skip
+def export_cmd(inputs, out, store, rows_per_shard) -> None:
+    """Filtered documents (INPUTS: filtered/ dirs or files) → parquet with OBELICS's columns + a dataset card."""
+    result = export_obelics(inputs, out, store, rows_per_shard)
+    click.echo(
+        f"{result['documents']} documents, {result['images']} images in {len(result['shards'])} parquet files; "
+        f"card: {result['card']}"
+    )
 
 
 @interop_group.command("import")

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pyarrow.parquet as pq
 
 from m3w.cli import OutputDir, stage_options
 from m3w.config import from_dict, to_dict
 from m3w.errors import UserError
-from m3w.pipeline.docs import document_files
+from m3w.pipeline.filters.config import CaptionFilterConfig
 from m3w.pipeline.io import atomic_open, stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
@@ -41,8 +40,8 @@ from m3w.pipeline.windows import (
     sanitize,
     special_strings,
 )
-from m3w.schemas import documents as doc_schema
 from m3w.schemas import shards as spec
+from m3w.schemas.documents import document_files, iter_documents
 from m3w.schemas.images import STATUS_OK
 
 PARTS_DIR = "_parts"
@@ -54,6 +53,7 @@ class PairsConfig:
     caption_max_tokens: int = 64  # LTIP-like caption pairs: <image>caption<EOC>, at most 64 tokens
     caption_blocks: bool = True  # also take a text node of block "caption" right after/before the image
     dedup: bool = True  # keep one pair per (image, text): logos and stock photos repeat across pages
+    caption: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)  # the text rules of a pair
 
 
 @dataclass
@@ -129,14 +129,6 @@ def part_record(key: str, sample: dict, media: list[str]) -> str:
     return json.dumps({"key": key, "json": sample, "media": media}, ensure_ascii=False) + "\n"
 
 
-def read_documents(path: str | Path) -> Iterator[dict]:
-    """Documents of one filtered/ parquet file, refusing files of another schema version."""
-    pf = pq.ParquetFile(path)
-    doc_schema.check_version(pf.schema_arrow, doc_schema.SCHEMA_VERSION)
-    for batch in pf.iter_batches(batch_size=256):
-        yield from batch.to_pylist()
-
-
 def stored_images(docs: list[dict], store_root: str) -> dict[str, str]:
     """url → blob key (resized sha256) of every image of `docs` that the store holds with status ok and that
     passes the store's image filter thresholds."""
@@ -184,7 +176,7 @@ def m3w_unit(args: dict) -> tuple[str, dict[str, int]]:
     config = from_dict(ShardsConfig, args["config"])
     tok, tok_info = cached_tokenizer(config.tokenizer)
     counts: Counter = Counter()
-    docs = list(read_documents(args["input"]))
+    docs = list(iter_documents(args["input"]))
     image_keys = stored_images(docs, args["store"])
     with atomic_open(args["part"], "w") as out:
         for doc in docs:
@@ -223,14 +215,13 @@ def adjacent_caption(nodes: list[dict], position: int) -> dict | None:
 
 def pairs_unit(args: dict) -> tuple[str, dict[str, int]]:
     """One filtered parquet file → two part files: alt-text pairs and caption pairs."""
-    from m3w.pipeline.filters import FilterConfig, check_caption_text
+    from m3w.pipeline.filters import check_caption_text
 
     config = from_dict(ShardsConfig, args["config"])
     tok, tok_info = cached_tokenizer(config.tokenizer)
-    filter_config = FilterConfig()
     specials = special_strings(tok)
     counts: Counter = Counter()
-    docs = list(read_documents(args["input"]))
+    docs = list(iter_documents(args["input"]))
     image_keys = stored_images(docs, args["store"])
     parts = args["parts"]
     with atomic_open(parts["alt_pairs"], "w") as alt_out, atomic_open(parts["caption_pairs"], "w") as cap_out:
@@ -259,7 +250,7 @@ def pairs_unit(args: dict) -> tuple[str, dict[str, int]]:
                     if not text:
                         counts[f"{dataset}.skip.no_text"] += 1
                         continue
-                    keep, reason = check_caption_text(text, filter_config)
+                    keep, reason = check_caption_text(text, config.pairs.caption)
                     if not keep:
                         counts[f"{dataset}.skip.{reason.split(':')[0]}"] += 1  # the rule, not the value
                         continue

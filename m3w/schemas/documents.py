@@ -1,11 +1,19 @@
-"""The `documents/` format (extract output) and `filtered/` format (filter output, same schema).
+"""The `documents/` format (extract output) and `filtered/` format (filter output, same schema): schema, reader
+and writer, the only code that opens these files.
 
 One parquet file per input unit. One row per HTML page. A page is an ordered list of nodes: text, image or video,
 in DOM order. Filtering removes nodes and rows but never reorders or rewrites nodes, so `node_index` (the node's
 position in the *extracted* document) stays a stable reference across stages.
+
+A documents directory's own `*.parquet` files are its documents; `excluded/` (EXCLUDED_SCHEMA) and `_cache/`
+(schemas/filter_cache.py) beside them are other formats, and `.tmp-*` files are a killed writer's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -81,3 +89,103 @@ def check_version(schema: pa.Schema, expected: str) -> None:
     found = (schema.metadata or {}).get(METADATA_KEY, b"").decode() or "<none>"
     if found != expected:
         raise ValueError(f"schema version mismatch: file has {found!r}, this m3w reads {expected!r}")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def document_files(path: str | Path) -> list[Path]:
+    """The document files of a documents/ or filtered/ directory in name order (not its subdirectories, nor
+    temp files), or the one file given."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"no documents at {path}")
+
+
+def open_documents(file: str | Path):
+    """One documents file as a pyarrow ParquetFile, refused if written in another schema version."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    try:
+        check_version(parquet.schema_arrow, SCHEMA_VERSION)
+    except ValueError as exc:
+        raise ValueError(f"{file}: not a documents file ({exc})") from exc
+    return parquet
+
+
+def iter_documents(
+    path_or_dir: str | Path, columns: list[str] | None = None, batch_size: int = 256
+) -> Iterator[dict[str, Any]]:
+    """Documents as dicts, file by file and in row order, streaming row groups (never a whole file at once)."""
+    for file in document_files(path_or_dir):
+        for batch in open_documents(file).iter_batches(batch_size=batch_size, columns=columns):
+            yield from batch.to_pylist()
+
+
+def iter_image_urls(path_or_dir: str | Path) -> Iterator[str]:
+    """The URL of every image node, in document order, read as columns (no document becomes a dict)."""
+    import pyarrow.compute as pc
+
+    for file in document_files(path_or_dir):
+        for batch in open_documents(file).iter_batches(batch_size=4096, columns=["nodes"]):
+            nodes = pc.list_flatten(batch.column("nodes"))
+            urls = pc.struct_field(nodes, "url")
+            is_image = pc.and_(pc.equal(pc.struct_field(nodes, "kind"), NODE_IMAGE), pc.is_valid(urls))
+            yield from urls.filter(is_image).to_pylist()
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+class DocumentWriter:
+    """Documents (dicts of DOCUMENT_SCHEMA) into one parquet file, a row group per `rows_per_group` documents so
+    memory stays flat. Atomicity is the caller's: write to a temp path, rename it when the writer is closed."""
+
+    def __init__(self, path: str | Path, rows_per_group: int = 256) -> None:
+        import pyarrow.parquet as pq
+
+        self.rows_per_group = rows_per_group
+        self.rows: list[dict[str, Any]] = []
+        self.written = 0
+        self._writer = pq.ParquetWriter(path, DOCUMENT_SCHEMA, compression="zstd")
+
+    def write(self, document: dict[str, Any]) -> None:
+        self.rows.append(document)
+        if len(self.rows) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=DOCUMENT_SCHEMA))
+        self.written += len(self.rows)
+        self.rows = []
+
+    def close(self) -> None:
+        if self.rows or not self.written:  # a file with no document still carries the schema and its version
+            self._flush()
+        self._writer.close()
+
+    def __enter__(self) -> DocumentWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the temp file is abandoned: close it without writing what is buffered
+            self._writer.close()
+
+
+def write_documents(documents: Iterable[dict[str, Any]], path: str | Path) -> None:
+    with DocumentWriter(path) as writer:
+        for document in documents:
+            writer.write(document)
+
+
+def write_excluded(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """The excluded/ rows of one unit (EXCLUDED_SCHEMA) into one parquet file; atomicity is the caller's."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXCLUDED_SCHEMA), path, compression="zstd")

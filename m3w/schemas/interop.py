@@ -17,6 +17,10 @@ OBELICS = "obelics"
 MMC4 = "mmc4"
 FORMATS = (OBELICS, MMC4)
 
+# An export directory: data/train-00000.parquet ... (OBELICS_SCHEMA) and README.md, the dataset card whose YAML
+# header tells `datasets.load_dataset` (and the Hub) where the data files are.
+OBELICS_DATA_DIR = "data"
+OBELICS_CARD = "README.md"
 OBELICS_SCHEMA = pa.schema(
     [
         pa.field("images", pa.list_(pa.string())),

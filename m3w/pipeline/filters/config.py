@@ -76,7 +76,8 @@ class ParagraphFilterConfig:
 
 @dataclass
 class CaptionFilterConfig:
-    """Alt text / figcaption filters for image-text pairs: paragraph statistics with caption-sized limits."""
+    """Alt text / caption rules for image-text pairs: the paragraph statistics with caption-sized limits. The
+    shards stage applies them (`m3w shards pairs`, ShardsConfig.pairs.caption)."""
 
     min_words: int = 3
     max_words: int = 128
@@ -86,6 +87,7 @@ class CaptionFilterConfig:
     # Captions are often noun phrases ("golden retriever on a beach"), so no stopword floor by default.
     min_stopword_ratio: float = 0.0
     max_flagged_word_ratio: float = 0.01
+    language: str = "en"  # ISO 639-1: the stopword and flagged-word lists the ratios use
     # Alt text that is a file name or a placeholder says nothing about the image.
     reject_patterns: list[str] = field(
         default_factory=lambda: [
@@ -147,7 +149,6 @@ class StatsConfig:
 class FilterConfig:
     image: ImageFilterConfig = field(default_factory=ImageFilterConfig)
     paragraph: ParagraphFilterConfig = field(default_factory=ParagraphFilterConfig)
-    caption: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
     document: DocumentFilterConfig = field(default_factory=DocumentFilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)

@@ -22,6 +22,7 @@ from m3w.pipeline.filters.config import (
     FilterConfig,
     ImageFilterConfig,
     ParagraphFilterConfig,
+    StatsConfig,
 )
 from m3w.pipeline.filters.text import TextStats, text_stats
 
@@ -287,21 +288,20 @@ class CaptionPattern(Step):
         return True, ""
 
 
-def check_caption_text(text: str, config: FilterConfig, lang: str | None = None) -> tuple[bool, str]:
+def check_caption_text(text: str, config: CaptionFilterConfig) -> tuple[bool, str]:
     """Alt text / caption filter for image-text pairs: paragraph statistics with caption limits.
 
-    `lang` picks the stopword and flagged-word lists (default: the first configured document language).
     Returns (keep, "caption.<rule>: <measured value>").
     """
-    lang = lang or (config.document.languages[0] if config.document.languages else "en")
-    placeholder = CaptionPattern(config.caption)
+    placeholder = CaptionPattern(config)
     ok, reason = placeholder(text or "")
     if not ok:
         return False, f"{placeholder.name}: {reason}"
+    ngrams = StatsConfig()  # the n-grams of the paragraph statistics
     stats = text_stats(
-        text or "", lang, config.stats.char_repetition_ngram, config.stats.word_repetition_ngram
+        text or "", config.language, ngrams.char_repetition_ngram, ngrams.word_repetition_ngram
     )
-    dropped = run_steps(text_steps("caption", config.caption), stats)
+    dropped = run_steps(text_steps("caption", config), stats)
     if dropped:
         return False, f"{dropped[0]}: {dropped[1]}"
     return True, ""
