@@ -85,7 +85,7 @@ def _user_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):  # a path that is missing, unreadable or unwritable, a host that is down
         if exc.filename is not None and exc.strerror:
             return f"{exc.strerror}: {exc.filename}"
-        return f"{type(exc).__name__}: {exc}"
+        return str(exc) or type(exc).__name__
     return None
 
 

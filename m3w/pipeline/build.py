@@ -25,6 +25,7 @@ from m3w.cli import stage_options
 from m3w.config import config_class, load_config, to_dict
 from m3w.pipeline.io import atomic_open, stable_hash
 from m3w.pipeline.manifest import Manifest
+from m3w.pipeline.warc import DEFAULT_CC_BASE_URL
 
 STAGES = ("extract", "filter", "images", "shards")
 
@@ -42,7 +43,7 @@ class StageSettings:
 class ExtractSettings(StageSettings):
     inputs: list[str] = field(default_factory=list)  # WARC paths, globs, URLs or warc.paths(.gz) files
     crawl: str | None = None  # a Common Crawl id, e.g. CC-MAIN-2024-22
-    cc_base_url: str = "https://data.commoncrawl.org/"
+    cc_base_url: str = DEFAULT_CC_BASE_URL
     limit: int | None = None  # only the first N WARCs
 
 

@@ -1,0 +1,59 @@
+"""The wheel: one `m3w` package with its configs as package data, importable outside the checkout.
+
+Built with `pip wheel` and installed with pip into a fresh venv, offline: no build isolation (the dev venv's
+setuptools), `--no-deps`, and the dev venv's site-packages appended to the fresh venv's path for the
+dependencies (a plain path entry: the editable install of this checkout that it holds is not activated).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = """
+import importlib.util, sys
+import m3w, m3w.pipeline, m3w.pipeline.extract, m3w.trainer.train, m3w.model, m3w.schemas, m3w.demo
+print(m3w.__file__)
+for name in ("pipeline", "model", "trainer", "schemas", "demo", "configs"):
+    assert importlib.util.find_spec(name) is None, name
+assert sorted(p.name for p in m3w.CONFIGS_DIR.glob("*.yaml")) == sys.argv[1].split(","), sys.argv[1]
+"""
+
+
+def test_wheel_installs_one_namespace_with_its_configs(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(ROOT)],
+        check=True, cwd=tmp_path, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("m3w-*.whl")
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert top == {"m3w", wheel.name.split("-py")[0] + ".dist-info"}, top
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "dev-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shipped = ",".join(sorted(p.name for p in (ROOT / "m3w" / "configs").glob("*.yaml")))
+    result = subprocess.run([python, "-c", CHECK, shipped], capture_output=True, text=True, cwd=outside)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith(site), result.stdout  # the installed copy, not this checkout
+    shown = subprocess.run(
+        [venv / "bin" / "m3w", "config", "show", "filter"], capture_output=True, text=True, cwd=outside
+    )
+    assert shown.returncode == 0 and shown.stdout == (ROOT / "m3w" / "configs" / "filters.yaml").read_text()
