@@ -373,7 +373,8 @@ def field_comments(cls: type) -> dict[str, str]:
         if match and match.group(2) in names and (indent is None or len(match.group(1)) == indent):
             indent = len(match.group(1))
             trailing = re.search(r"\s#\s?(.*)$", line.split("=", 1)[-1]) if "#" in line else None
-            text = "; ".join(t for t in (" ".join(above), trailing.group(1).strip() if trailing else "") if t)
+            parts = [t for t in (" ".join(above), trailing.group(1).strip() if trailing else "") if t]
+            text = (" " if parts and parts[0][-1] in ".:;!?" else "; ").join(parts)
             if text:
                 comments[match.group(2)] = text
             above = []

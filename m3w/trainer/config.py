@@ -17,16 +17,16 @@ from m3w.model.config import FlamingoConfig, Precision
 
 @dataclass
 class DatasetConfig:
-    """One weighted stream of WebDataset shards (a directory or URL holding `shards.json` and the tars)."""
+    """One weighted stream of WebDataset shards (a directory or URL holding `shards.json` and the tars). Its
+    samples' length L, media count N and frames T are what `m3w shards` cut them to, from shards.json: set one
+    here only to check it (a different value is an error, not a silent re-cut)."""
 
     path: str = ""  # shard directory or fsspec URL prefix; shards.json inside names the tars
     weight: float = 1.0  # λ_m in Σ_m λ_m · NLL_m
     batch_size: int = 4  # per process, per micro-batch
-    # L, N and T come from the shard set's shards.json (what `m3w shards` cut the samples to); set one only to
-    # check it: a different value is an error, not a silent re-cut.
-    seq_len: int | None = None  # L: tokens per sample
-    max_media: int | None = None  # N: media items per sample
-    num_frames: int | None = None  # T: frames per media item (8 for video)
+    seq_len: int | None = None  # L, tokens per sample; null: the shards' (a value must equal it)
+    max_media: int | None = None  # N, media items per sample; null: the shards'
+    num_frames: int | None = None  # T, frames per media item (8 for video); null: the shards'
     resampled: bool = True  # shards drawn with replacement (infinite stream) vs. epochs over a permutation
     shard_shuffle: bool = True
     shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling
