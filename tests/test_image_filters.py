@@ -322,3 +322,16 @@ def test_image_context_is_what_the_page_says_about_the_image() -> None:
     }
     assert dict(image_contexts([{"kind": "image", "url": "u"}], 100)) == {"u": ""}
     assert dict(image_contexts([{"kind": "image", "url": "u"}, *nodes[-1:]], 100)) == {"u": "x" * 100}
+
+
+def test_images_tasks_ask_for_a_gpu_share_only_when_a_model_step_can_use_one() -> None:
+    from m3w.pipeline.image_filters.models import task_gpus
+
+    config = ImageFiltersConfig()
+    assert task_gpus(config, cluster_gpus=8) == 0.0  # cheap signals only: CPU tasks
+    config.clip.enabled = True
+    assert task_gpus(config, cluster_gpus=0) == 0.0 and task_gpus(config, cluster_gpus=8) == 0.25
+    config.clip.device = "cpu"
+    assert task_gpus(config, cluster_gpus=8) == 0.0
+    config.nsfw.enabled, config.gpus_per_task = True, 0.5
+    assert task_gpus(config, cluster_gpus=8) == 0.5

@@ -75,3 +75,6 @@ class ImageFiltersConfig:
     text: TextShareConfig = field(default_factory=TextShareConfig)
     clip: ClipRelevanceConfig = field(default_factory=ClipRelevanceConfig)
     nsfw: NsfwConfig = field(default_factory=NsfwConfig)
+    # The share of a GPU each images task holds when a model step runs on a cluster with GPUs: fetch tasks mostly
+    # wait on the network, so several share one. Without GPUs in the cluster, tasks ask for none.
+    gpus_per_task: float = 0.25

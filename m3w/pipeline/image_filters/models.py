@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from m3w.pipeline.image_filters.config import ClipRelevanceConfig, NsfwConfig
+from m3w.pipeline.image_filters.config import ClipRelevanceConfig, ImageFiltersConfig, NsfwConfig
 
 _LOADED: dict[tuple, Any] = {}
 _LOAD_LOCK = threading.Lock()
@@ -25,6 +25,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def task_gpus(config: ImageFiltersConfig, cluster_gpus: float) -> float:
+    """GPUs an images task asks Ray for. Ray hides the GPUs from a task that asks for none, so a model step on
+    `auto` runs on the GPU exactly when the task holds a share of one."""
+    steps = [c for c in (config.clip, config.nsfw) if c.enabled]
+    if cluster_gpus <= 0 or not steps or all(c.device == "cpu" for c in steps):
+        return 0.0
+    return config.gpus_per_task
 
 
 def _cached(key: tuple, load: Any) -> Any:
