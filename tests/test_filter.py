@@ -308,3 +308,22 @@ def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_a
     assert bad.returncode == 2 and "paragraph.nope: unknown key" in bad.stderr
     missing = subprocess.run([*cmd, "stats", str(docs / "..")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "_manifest.jsonl" in missing.stderr
+
+
+def test_dedup_on_every_webcorpus_page_equals_the_rules_in_plain_python(
+    filtered, webcorpus_documents, tmp_path
+):
+    """Dedup alone on all webcorpus pages (a lower image-URL limit, so that more images go), reusing the cached
+    signals of the `filtered` run, against the rules stated in plain Python (tests/test_dedup.py)."""
+    from test_dedup import DEDUP_ONLY, dedup_rows, reference_dedup
+
+    out = tmp_path / "out"
+    shutil.copytree(filtered[0] / "_cache" / "signals", out / "_cache" / "signals")
+    config = load_config(FilterConfig, None, [*DEDUP_ONLY, "dedup.image_url_max_docs=2"])
+    summary = run_filter(webcorpus_documents, out, config)
+    assert summary["signals_computed"] == 0 and summary["failed"] == 0
+    expected = reference_dedup(webcorpus_documents, out / "_cache" / "signals", config.dedup)
+    rules = Counter(r[3] for r in expected)
+    assert rules["dedup.same_url"] and rules["dedup.exact_text"] and rules["dedup.same_image_set"]
+    assert rules["dedup.image_url_frequency"] > 20 and rules["dedup.domain_paragraph"] > 20
+    assert dedup_rows(out) == expected

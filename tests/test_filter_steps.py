@@ -13,7 +13,6 @@ import re
 import pytest
 
 from m3w.config import load_config
-from m3w.pipeline.dedup import DedupDecisions
 from m3w.pipeline.filter import DocumentFilter
 from m3w.pipeline.filters import (
     CaptionFilterConfig,
@@ -237,7 +236,7 @@ def _document(paragraphs: list[str], images: int, doc_id: str = "d") -> dict:
 
 
 def _decide(doc: dict, config: FilterConfig = CONFIG):
-    return DocumentFilter(config, DedupDecisions())(doc, document_signals(doc, config))
+    return DocumentFilter(config)(doc, document_signals(doc, config))
 
 
 def test_document_steps_on_real_pages(cleaneval, trafilatura):
@@ -279,9 +278,11 @@ def test_batch_paragraph_decisions_equal_one_at_a_time(cleaneval):
         for i in range(0, 60, 6)
     ]
     table = signals_table(docs, CONFIG)
-    signals = {row["doc_id"]: row for row in table.to_pylist()}
-    batch, single = DocumentFilter(CONFIG, DedupDecisions(), table), DocumentFilter(CONFIG, DedupDecisions())
-    assert [batch(d, signals[d["doc_id"]]) for d in docs] == [single(d, signals[d["doc_id"]]) for d in docs]
+    signals = table.to_pylist()
+    batch, single = DocumentFilter(CONFIG, signals=table), DocumentFilter(CONFIG)
+    assert [batch(d, signals[i], i) for i, d in enumerate(docs)] == [
+        single(d, signals[i], i) for i, d in enumerate(docs)
+    ]
     assert batch.funnel.counts == single.funnel.counts
     assert [s.counters for s in batch.steps()] == [s.counters for s in single.steps()]
     assert batch.funnel.counts["drop.paragraph.min_words.paragraphs"] == 10  # one "Why?" per document

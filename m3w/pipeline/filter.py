@@ -4,10 +4,11 @@ Three phases, each cached so that a config change recomputes only what it touche
 
 1. signals (one Ray task per unit): per-node text statistics, language, hashes and MinHash signatures, cached
    in `OUT/_cache/signals/` under the input file's fingerprint and `FilterConfig.signals_part()`;
-2. dedup (Ray tasks per key partition / LSH band, see `pipeline/dedup.py`): corpus-wide decisions, cached in
-   `OUT/_cache/dedup/` under the dedup config and the signal files;
-3. decide (one Ray task per unit): thresholds on the cached signals; writes `OUT/<unit>.parquet` (kept documents,
-   failed nodes removed, node_index unchanged) and `OUT/excluded/<unit>.parquet` (every drop with its reason).
+2. dedup (a Ray task graph over hash partitions of the signals' keys, see `pipeline/dedup/`): one drop list per
+   unit, cached in `OUT/_cache/dedup/` under the dedup config and the signal files;
+3. decide (one Ray task per unit): thresholds on the cached signals and the unit's own drop list; writes
+   `OUT/<unit>.parquet` (kept documents, failed nodes removed, node_index unchanged) and
+   `OUT/excluded/<unit>.parquet` (every drop with its reason).
 
 The stage manifest's config hash covers the whole config and the dedup decisions it used, so a threshold change
 re-runs phase 3 only, and a re-run with nothing changed does nothing. WARC files are never read.
@@ -22,14 +23,13 @@ from typing import Any
 
 import click
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from m3w.cli import OutputDir, stage_options
 from m3w.config import to_dict
-from m3w.pipeline.dedup import DedupDecisions, load_decisions, run_dedup
+from m3w.pipeline.dedup import DedupError, SignalsUnit, UnitDrops, load_unit_drops, run_dedup
 from m3w.pipeline.filters import (
-    DOMAIN_PARAGRAPH,
-    IMAGE_FREQUENCY,
     DocumentItem,
     FilterConfig,
     ImageItem,
@@ -41,9 +41,9 @@ from m3w.pipeline.filters import (
     run_steps,
 )
 from m3w.pipeline.filters.lang import identify
-from m3w.pipeline.filters.signals import domain_of, signals_table, stats_columns, stats_of
+from m3w.pipeline.filters.signals import signals_table, stats_columns, stats_of
 from m3w.pipeline.filters.text import MAX_STATS_CHARS, TextStats, word_repetition_ratio, words
-from m3w.pipeline.io import atomic_path, stable_hash, write_parquet_atomic
+from m3w.pipeline.io import atomic_path, name_of, stable_hash, write_parquet_atomic
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, init_ray, run_units
 from m3w.schemas.documents import (
@@ -54,9 +54,10 @@ from m3w.schemas.documents import (
     iter_documents,
     write_excluded,
 )
-from m3w.schemas.filter_cache import SIGNALS_VERSION
+from m3w.schemas.filter_cache import SIGNALS_VERSION, iter_signals, write_signals
 
 STAGE = "filter"
+_SIGNALS_COUNTS = ("documents", "band_rows", "image_rows", "paragraph_rows")
 SIGNALS_STAGE = "filter.signals"
 CACHE_DIR = "_cache"
 EXCLUDED_DIR = "excluded"
@@ -94,8 +95,14 @@ class SignalsTask:
 
 def signals_unit(task: SignalsTask) -> tuple[str, dict[str, int]]:
     table = signals_table(iter_documents(task.docs_path), task.config)
-    write_parquet_atomic(table, task.out_path)
-    return Path(task.out_path).name, {"documents": table.num_rows}
+    write_signals(table, task.out_path)
+    return Path(task.out_path).name, {
+        "documents": table.num_rows,
+        # Key rows each dedup rule gets from this unit: they size its partitions.
+        "band_rows": len(pc.list_flatten(table["bands"])),
+        "image_rows": len(pc.list_flatten(table["images"])),
+        "paragraph_rows": len(pc.list_flatten(table["nodes"])),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- phase 3
@@ -106,7 +113,7 @@ class DecideTask:
     unit: str
     docs_path: str
     signals_path: str
-    decisions_dir: str
+    drops_path: str | None  # the unit's dedup drop list; None when dedup is off
     out_dir: str
     config: FilterConfig
 
@@ -133,11 +140,14 @@ def _node_words(node: dict[str, Any], node_stats: dict[int, dict[str, Any]]) -> 
 
 
 def _sizes(nodes: list[dict[str, Any]], node_stats: dict[int, dict[str, Any]]) -> dict[str, int]:
-    return {
-        "paragraphs": sum(1 for n in nodes if n["kind"] == NODE_TEXT),
-        "images": sum(1 for n in nodes if n["kind"] == NODE_IMAGE),
-        "words": sum(_node_words(n, node_stats) for n in nodes),
-    }
+    paragraphs = images = words = 0
+    for node in nodes:  # one pass: this runs twice for every document
+        if node["kind"] == NODE_TEXT:
+            paragraphs += 1
+            words += node_stats[node["node_index"]]["words"]
+        elif node["kind"] == NODE_IMAGE:
+            images += 1
+    return {"paragraphs": paragraphs, "images": images, "words": words}
 
 
 def _excluded(doc: dict[str, Any], level: str, node: dict[str, Any] | None, name: str, reason: str) -> dict:
@@ -190,76 +200,71 @@ def document_item(
 
 
 class DocumentFilter:
-    """Applies the steps and the dedup decisions to one document at a time, counting into a Funnel."""
+    """Applies the steps and a unit's dedup drops to one document at a time, counting into a Funnel."""
 
     def __init__(
-        self, config: FilterConfig, decisions: DedupDecisions, signals: pa.Table | None = None
+        self, config: FilterConfig, drops: UnitDrops | None = None, signals: pa.Table | None = None
     ) -> None:
         self.config = config
-        self.decisions = decisions
+        self.drops = drops or UnitDrops()
         self.image_steps = image_steps(config)
         self.paragraph_steps = paragraph_steps(config)
         self.document_steps = document_steps(config)
         self.funnel = Funnel()
-        # Paragraph thresholds of a whole unit decided in one numpy pass: (doc_id, node_index) → index of the
-        # first paragraph step that drops the node (-1: kept). Without a table, nodes are decided one by one.
-        self.paragraph_verdicts: dict[tuple[str, int], int] | None = None
+        # Paragraph thresholds of a batch of documents decided in one numpy pass: (row, node_index) → index of
+        # the first paragraph step that drops the node (-1: kept). Without a batch, nodes are decided one by one.
+        self.paragraph_verdicts: dict[tuple[int, int], int] | None = None
         if signals is not None:
-            rows, node_index, stats = stats_columns(signals)
-            first = first_drops(self.paragraph_steps, stats, len(node_index))
-            doc_ids = signals["doc_id"].to_pylist()
-            self.paragraph_verdicts = {
-                (doc_ids[r], i): f for r, i, f in zip(rows.tolist(), node_index.tolist(), first.tolist())
-            }
+            self.judge_paragraphs(signals)
+
+    def judge_paragraphs(self, signals: pa.Table, first_row: int = 0) -> None:
+        """Decide the paragraphs of the documents in `signals` (rows first_row, first_row + 1, … of the unit)."""
+        rows, node_index, stats = stats_columns(signals)
+        first = first_drops(self.paragraph_steps, stats, len(node_index))
+        self.paragraph_verdicts = dict(
+            zip(zip((rows + first_row).tolist(), node_index.tolist()), first.tolist())
+        )
 
     def steps(self) -> list[Step]:
         return [*self.image_steps, *self.paragraph_steps, *self.document_steps]
 
-    def _paragraph_drop(self, doc_id: str, node_stats: dict[str, Any]) -> tuple[str, str] | None:
+    def _paragraph_drop(self, row: int, node_stats: dict[str, Any]) -> tuple[str, str] | None:
         if self.paragraph_verdicts is None:
             return run_steps(self.paragraph_steps, stats_of(node_stats))
-        first = self.paragraph_verdicts[(doc_id, node_stats["node_index"])]
+        first = self.paragraph_verdicts[(row, node_stats["node_index"])]
         if first < 0:
             return None
         step = self.paragraph_steps[first]
         return step.name, step.keep(stats_of(node_stats))[1]
 
     def _node_drop(
-        self, doc_id: str, node: dict[str, Any], stats: dict[int, dict[str, Any]], domain: str
+        self, row: int, node: dict[str, Any], stats: dict[int, dict[str, Any]]
     ) -> tuple[str, str] | None:
+        # Dedup drops a node only if the quality steps kept it, so each node has one reason: the first.
         if node["kind"] == NODE_IMAGE:
-            url = node.get("url") or ""
-            item = ImageItem(url, node.get("alt"), node.get("width"), node.get("height"))
+            item = ImageItem(node.get("url") or "", node.get("alt"), node.get("width"), node.get("height"))
             dropped = run_steps(self.image_steps, item)
-            if dropped is None and url in self.decisions.image_urls:
-                limit = self.config.dedup.image_url_max_docs
-                return IMAGE_FREQUENCY, f"URL in {self.decisions.image_urls[url]} documents > {limit}"
-            return dropped
-        if node["kind"] == NODE_TEXT:
-            node_stats = stats[node["node_index"]]
-            dropped = self._paragraph_drop(doc_id, node_stats)
-            repeats = self.decisions.paragraphs.get((domain, node_stats["hash"]))
-            if dropped is None and repeats is not None:
-                limit = self.config.dedup.paragraph_max_docs_per_domain
-                return DOMAIN_PARAGRAPH, f"in {repeats} documents of {domain} > {limit}"
-            return dropped
-        return None  # video nodes are judged by the video pipeline
+        elif node["kind"] == NODE_TEXT:
+            dropped = self._paragraph_drop(row, stats[node["node_index"]])
+        else:
+            return None  # video nodes are judged by the video pipeline
+        return dropped or self.drops.nodes.get((row, node["node_index"]))
 
     def __call__(
-        self, doc: dict[str, Any], signals: dict[str, Any]
+        self, doc: dict[str, Any], signals: dict[str, Any], row: int = -1
     ) -> tuple[dict[str, Any] | None, list[dict]]:
+        """Decide document `doc` (row `row` of its unit, which keys its dedup drops) from its signals."""
         nodes = doc.get("nodes") or []
         stats = {s["node_index"]: s for s in signals["nodes"]}
         self.funnel.add("in", documents=1, **_sizes(nodes, stats))
-        doc_drop = self.decisions.documents.get(doc["doc_id"])
+        doc_drop = self.drops.documents.get(row)
         if doc_drop is not None:
             self.funnel.add(f"drop.{doc_drop[0]}", documents=1, **_sizes(nodes, stats))
             return None, [_excluded(doc, "document", None, *doc_drop)]
 
         excluded, kept = [], []
-        domain = signals["domain"] or domain_of(doc)
         for node in nodes:
-            dropped = self._node_drop(doc["doc_id"], node, stats, domain)
+            dropped = self._node_drop(row, node, stats)
             if dropped is None:
                 kept.append(node)
                 continue
@@ -270,7 +275,9 @@ class DocumentFilter:
                 self.funnel.add(f"drop.{dropped[0]}", paragraphs=1, words=_node_words(node, stats))
                 excluded.append(_excluded(doc, "paragraph", node, *dropped))
 
-        dropped = run_steps(self.document_steps, document_item(kept, stats, self.config))
+        # (The document statistics cost a language identification: skipped when no document step runs.)
+        item = document_item(kept, stats, self.config) if self.document_steps else None
+        dropped = run_steps(self.document_steps, item) if item is not None else None
         if dropped is not None:
             self.funnel.add(f"drop.{dropped[0]}", documents=1, **_sizes(kept, stats))
             excluded.append(_excluded(doc, "document", None, *dropped))
@@ -280,23 +287,34 @@ class DocumentFilter:
 
 
 def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
-    table = pq.read_table(task.signals_path, columns=["doc_id", "domain", "nodes"])
-    signals = {row["doc_id"]: row for row in table.to_pylist()}
-    decisions = load_decisions(Path(task.decisions_dir))
-    if decisions is None:
-        raise RuntimeError(f"dedup decisions missing in {task.decisions_dir}")
-    doc_filter = DocumentFilter(task.config, decisions, table)
+    drops = load_unit_drops(task.drops_path) if task.drops_path else None
+    doc_filter = DocumentFilter(task.config, drops)
+    # Signals stream beside the documents, batch by batch, so memory does not grow with the unit.
+    batches = iter_signals(task.signals_path, ["doc_id", "nodes"], ROWS_PER_GROUP)
+    batch: list[dict[str, Any]] = []
+    start = 0
     out_dir = Path(task.out_dir)
     output = f"{task.unit}.parquet"
     excluded: list[dict[str, Any]] = []
     # Kept documents stream out in row groups. Each file is renamed into place only when whole, and the
     # manifest records the unit only after both exist, so a killed unit is simply redone.
     with atomic_path(out_dir / output) as tmp, DocumentWriter(tmp, ROWS_PER_GROUP) as writer:
-        for doc in iter_documents(task.docs_path):
-            out, dropped = doc_filter(doc, signals[doc["doc_id"]])
+        row = -1
+        for row, doc in enumerate(iter_documents(task.docs_path)):  # noqa: B007 - `row` is checked after
+            if row == start + len(batch):
+                table = next(batches, None)
+                batch, start = (table.to_pylist() if table is not None else []), row
+                if table is not None:
+                    doc_filter.judge_paragraphs(table, row)
+            signals = batch[row - start] if row - start < len(batch) else None
+            if signals is None or signals["doc_id"] != doc["doc_id"]:
+                raise ValueError(f"{task.signals_path} does not match {task.docs_path} at row {row}")
+            out, dropped = doc_filter(doc, signals, row)
             excluded.extend(dropped)
             if out is not None:
                 writer.write(out)
+    if row - start + 1 < len(batch) or next(batches, None) is not None:
+        raise ValueError(f"{task.signals_path} has more rows than {task.docs_path}")
     with atomic_path(out_dir / EXCLUDED_DIR / output) as tmp:
         write_excluded(excluded, tmp)
     counts = Counter(doc_filter.funnel.counts)
@@ -341,18 +359,43 @@ def run_filter(
     failed = {uid.split("@", 1)[0]: err for uid, err in signals.failures.items()}
     ready = [u for u in units if u.name not in failed]
 
-    decisions_files = [str(signals_path[u.name]) for u in ready]
-    _, decisions_dir, dedup_cached = run_dedup(decisions_files, config.dedup, out_dir / CACHE_DIR / "dedup")
+    counts = Manifest(signals_dir, SIGNALS_STAGE, signals_hash).entries()
+    dedup_units = [
+        SignalsUnit(
+            u.name,
+            str(signals_path[u.name]),
+            **{
+                k: v for k, v in counts[f"{u.name}@{u.fingerprint}"]["counts"].items() if k in _SIGNALS_COUNTS
+            },
+        )
+        for u in ready
+    ]
+    dedup, dedup_error = None, None
+    if config.dedup.enabled and dedup_units:
+        try:
+            dedup = run_dedup(dedup_units, config.dedup, str(out_dir / CACHE_DIR / "dedup"))
+        except DedupError as exc:
+            dedup_error = str(exc)
 
-    config_hash = stable_hash({"config": to_dict(config), "dedup": decisions_dir.name})
+    config_hash = stable_hash({"config": to_dict(config), "dedup": dedup and name_of(dedup.directory)})
     manifest = Manifest(out_dir, STAGE, config_hash)
     for name, error in failed.items():
         manifest.failed(name, f"signals: {error}")
+    if dedup_error:  # nothing can be decided without the corpus-wide drops; a re-run resumes the dedup
+        for u in ready:
+            manifest.failed(u.name, dedup_error)
+            failed[u.name] = dedup_error
+        ready = []
     tasks = [
         Unit(
             u.name,
             DecideTask(
-                u.name, str(u.path), str(signals_path[u.name]), str(decisions_dir), str(out_dir), config
+                u.name,
+                str(u.path),
+                str(signals_path[u.name]),
+                dedup and dedup.drops_file(u.name),
+                str(out_dir),
+                config,
             ),
         )
         for u in ready
@@ -374,7 +417,8 @@ def run_filter(
         "failures": {**failed, **decided.failures},
         "signals_computed": signals.done,
         "signals_cached": signals.skipped,
-        "dedup_cached": dedup_cached,
+        "dedup_cached": bool(dedup and dedup.cached),
+        "dedup_tasks": dedup.tasks if dedup else [],
         "config_hash": config_hash,
         "counts": dict(manifest.totals()),
         "seconds": signals.seconds + decided.seconds,

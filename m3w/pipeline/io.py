@@ -1,4 +1,9 @@
-"""File helpers shared by the stages: atomic local writes and fsspec inputs."""
+"""File helpers shared by the stages: atomic writes and reads on a local path or any fsspec URL (`s3://…`).
+
+A write is whole or absent: local files are written to a temp name and renamed; remote objects are written in
+one PUT, which appears only when complete. Paths are strings (a `Path` cannot hold `s3://`): build them with
+`join`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -88,5 +94,99 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def is_remote(url: str | Path) -> bool:
+    url = str(url)
+    return "://" in url and not url.startswith("file://")
+
+
+def local_path(url: str | Path) -> str:
+    url = str(url)
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def url_to_fs(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of `url` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """`base/part/part`: for a local path or a URL (a Path would turn `s3://b` into `s3:/b`)."""
+    out = str(base).rstrip("/") if str(base) not in ("/", "") else str(base)
+    for part in parts:
+        out = f"{out}/{part.strip('/')}" if out else part
+    return out
+
+
+def name_of(url: str | Path) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def exists(url: str | Path) -> bool:
+    if not is_remote(url):
+        return os.path.exists(local_path(url))
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)  # object-store listings are cached; other processes write
+    return fs.exists(path)
+
+
+def read_bytes(url: str | Path) -> bytes:
+    if not is_remote(url):
+        return Path(local_path(url)).read_bytes()
+    fs, path = url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def write_bytes(url: str | Path, data: bytes) -> None:
+    """Write a whole file at once (atomically: all or nothing)."""
+    if is_remote(url):
+        fs, path = url_to_fs(url)
+        fs.pipe_file(path, data)  # one PUT: the object appears whole
+        return
+    with atomic_open(local_path(url), "wb") as f:
+        f.write(data)
+
+
+def read_ranges(urls: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    """Byte ranges [start, end) of files, in order; remote ranges are fetched concurrently."""
+    if not urls:
+        return []
+    if not is_remote(urls[0]):
+        out = []
+        handles: dict[str, IO[bytes]] = {}
+        try:
+            for url, start, end in zip(urls, starts, ends):
+                f = handles.get(url)
+                if f is None:
+                    f = handles[url] = open(local_path(url), "rb")  # noqa: SIM115 - closed below
+                f.seek(start)
+                data = f.read(end - start)
+                if len(data) != end - start:
+                    raise OSError(f"{url}: short read at {start} ({len(data)} of {end - start} bytes)")
+                out.append(data)
+        finally:
+            for f in handles.values():
+                f.close()
+        return out
+    fs, _ = url_to_fs(urls[0])
+    paths = [url_to_fs(u)[1] for u in urls]
+    return fs.cat_ranges(paths, list(starts), list(ends), on_error="raise")
+
+
+def parquet_file(url: str | Path) -> pq.ParquetFile:
+    """A ParquetFile on a local path or any fsspec URL (reads the footer only)."""
+    if not is_remote(url):
+        return pq.ParquetFile(local_path(url))
+    fs, path = url_to_fs(url)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
+def write_parquet(table: pa.Table, url: str | Path, **options: Any) -> None:
+    """`table` as one parquet file at a local path or fsspec URL, atomically."""
+    if not is_remote(url):
+        with atomic_path(local_path(url)) as tmp:
+            pq.write_table(table, tmp, **options)
+        return
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    write_bytes(url, sink.getvalue().to_pybytes())

@@ -10,19 +10,21 @@ import functools
 import hashlib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasketch import MinHash
 
 from m3w.pipeline.filters.config import FilterConfig
 from m3w.pipeline.filters.lang import identify
 from m3w.pipeline.filters.text import MAX_STATS_CHARS, TextStats, text_stats, words
 from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT
 from m3w.schemas.filter_cache import SIGNALS_SCHEMA
+
+if TYPE_CHECKING:  # datasketch (and the scipy it imports) only where signatures are computed
+    from datasketch import MinHash
 
 _SPACE_RE = re.compile(r"\s+")
 
@@ -62,6 +64,8 @@ def domain_of(doc: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _template(num_perm: int, seed: int) -> MinHash:
+    from datasketch import MinHash
+
     # Building the permutations costs ~1 ms; every document reuses the template's.
     return MinHash(num_perm=num_perm, seed=seed)
 
@@ -76,7 +80,7 @@ def minhash_signature(text: str, config: FilterConfig) -> np.ndarray | None:
     shingles = {" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))}
     num_perm = cfg.minhash_bands * cfg.minhash_rows
     template = _template(num_perm, cfg.minhash_seed)
-    mh = MinHash(
+    mh = type(template)(
         num_perm=num_perm, seed=cfg.minhash_seed, permutations=template.permutations, scheme=template.scheme
     )
     mh.update_batch([s.encode("utf-8") for s in shingles])
@@ -160,19 +164,21 @@ def document_signals(doc: dict[str, Any], config: FilterConfig) -> dict[str, Any
     full_text = "\n".join(texts)
     lang, score = identify(full_text)
     wordlist_lang = stats_language(lang, config)
-    image_urls = sorted({n["url"] for n in nodes if n["kind"] == NODE_IMAGE and n.get("url")})
+    images = [n for n in nodes if n["kind"] == NODE_IMAGE and n.get("url")]
+    image_urls = sorted({n["url"] for n in images})
     signature = minhash_signature(full_text, config)
     normalised = normalise_text(full_text)
+    url_key = normalise_url(doc.get("url") or "")
     return {
         "doc_id": doc["doc_id"],
-        "url_key": normalise_url(doc.get("url") or ""),
+        "url_hash": hash64(url_key) if url_key else None,
         "domain": domain_of(doc),
         "fetch_date": doc.get("fetch_date") or "",
         "lang": lang,
         "lang_score": score,
         "text_hash": hash64(normalised) if normalised else None,
         "image_set_hash": hash64("\n".join(image_urls)) if image_urls else None,
-        "image_urls": image_urls,
+        "images": [{"node_index": n["node_index"], "url_hash": hash64(n["url"])} for n in images],
         "bands": band_keys(signature, config.dedup.minhash_rows) if signature is not None else None,
         "signature": signature.tolist() if signature is not None else None,
         "nodes": [node_stats(n, wordlist_lang, config) for n in nodes if n["kind"] == NODE_TEXT],

@@ -362,7 +362,7 @@ def document_steps(config: FilterConfig) -> list[Step]:
 
 # ------------------------------------------------------------------------------------------------- the funnel
 
-# Corpus-wide dedup rules (pipeline/dedup.py): on whole documents first, then on nodes after the quality filters.
+# Corpus-wide dedup rules (pipeline/dedup/): on whole documents first, then on nodes after the quality filters.
 DOC_DEDUP_RULES = ("dedup.same_url", "dedup.exact_text", "dedup.same_image_set", "dedup.near_duplicate")
 IMAGE_FREQUENCY = "dedup.image_url_frequency"
 DOMAIN_PARAGRAPH = "dedup.domain_paragraph"
