@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from m3w.config import load_config  # noqa: E402
 from m3w.pipeline.dedup import SignalsUnit, run_dedup  # noqa: E402
 from m3w.pipeline.dedup.keys import mix64  # noqa: E402
-from m3w.pipeline.dedup.run import peak_rss, reset_peak_rss  # noqa: E402
+from m3w.pipeline.dedup.run import peak_rss, release_memory, reset_peak_rss  # noqa: E402
 from m3w.pipeline.filter import DecideTask, decide_unit  # noqa: E402
 from m3w.pipeline.filters import FilterConfig  # noqa: E402
 from m3w.pipeline.ray_runner import init_ray  # noqa: E402
@@ -52,8 +52,16 @@ from m3w.schemas import filter_cache  # noqa: E402
 from m3w.schemas.documents import DOCUMENT_SCHEMA  # noqa: E402
 from m3w.schemas.filter_cache import SIGNALS_SCHEMA, write_signals  # noqa: E402
 
-# Dedup only: the quality filters are per-unit work whose cost does not depend on the corpus size.
-CONFIG = ["image.enabled=false", "paragraph.enabled=false", "document.enabled=false"]
+# Dedup only: the quality filters are per-unit work whose cost does not depend on the corpus size. Reduce tasks
+# of 500 k key rows and groups of 50 k documents (defaults: 2 M and 250 k), so that even the smallest corpus
+# fills its tasks: the curve then shows how memory per task grows with the corpus, not tasks filling up.
+CONFIG = [
+    "image.enabled=false",
+    "paragraph.enabled=false",
+    "document.enabled=false",
+    "dedup.reducer_rows=500000",
+    "dedup.group_documents=50000",
+]
 BANDS, ROWS = 14, 8
 NUM_PERM = BANDS * ROWS
 TEXT = "Lorem ipsum dolor sit amet."
@@ -294,11 +302,12 @@ def _nodes(columns: dict[str, Any], n: int) -> pa.Table:
 
 def decide_measured(task: DecideTask) -> dict[str, Any]:
     # (The module's counter, not a copy: Ray pickles this function's globals by value, modules by name.)
+    release_memory()
     measured = reset_peak_rss()
     before = sum(filter_cache.BYTES_READ.values())
     start = time.monotonic()
     _, counts = decide_unit(task)
-    return {
+    figures = {
         "phase": "decide",
         "bytes_read": sum(filter_cache.BYTES_READ.values()) - before,
         "seconds": time.monotonic() - start,
@@ -306,6 +315,8 @@ def decide_measured(task: DecideTask) -> dict[str, Any]:
         "rows_in": counts["in.documents"],
         "out": counts["out.documents"],
     }
+    release_memory()
+    return figures
 
 
 def run_size(root: Path, size: int, unit_docs: int, config: FilterConfig) -> dict[str, Any]:
@@ -368,8 +379,65 @@ def run_size(root: Path, size: int, unit_docs: int, config: FilterConfig) -> dic
         print(
             f"    {phase:<22} {len(items):>4} tasks  max rows in {rows:>10,}  peak {rss:6.0f} MB  read {read:6.0f} B/doc  {secs:7.1f} task-s"
         )
+    result["measured"] = measured(size, len(units), figures, by_phase, signal_bytes, result)
     shutil.rmtree(directory)
     return result
+
+
+def worker_baseline() -> int:
+    """Peak RSS of a Ray worker that imported what dedup and decide tasks import, and did nothing else."""
+    import m3w.pipeline.dedup.run  # noqa: F401
+    import m3w.pipeline.filter  # noqa: F401
+
+    reset_peak_rss()
+    return peak_rss()
+
+
+def measured(
+    size: int,
+    units: int,
+    figures: list[dict],
+    by_phase: dict[str, list[dict]],
+    signal_bytes: int,
+    result: dict,
+) -> dict[str, Any]:
+    """The per-row costs `m3w/pipeline/dedup/plan.py` keeps in MEASURED, from this size's tasks."""
+    import ray
+
+    base = max(ray.get([ray.remote(num_cpus=1)(worker_baseline).remote() for _ in range(2)]))
+
+    def per_row(phases: list[str]) -> int:
+        return max(
+            max(0, (f["peak_rss"] or 0) - base) // max(f.get("rows_in", 0), 1)
+            for p in phases
+            for f in by_phase[p]
+        )
+
+    exact = [p for p in by_phase if p.startswith("dedup.")]
+    groups = len(by_phase["verify_a"])
+    return {
+        "rows_per_document": {
+            p: round(sum(f["rows_in"] for f in by_phase[p]) / size, 2)
+            for p in [*exact, "bands", "images", "paragraphs"]
+        },
+        "signal_bytes_per_document": round(signal_bytes / size),
+        "key_bytes_per_document": round(result["key_bytes"] / size),
+        "read_bytes_per_document": round(result["bytes_read"] / size),
+        "worker_baseline_bytes": base,
+        "bytes_per_row": {
+            "exact": per_row(exact),
+            **{k: per_row([k]) for k in ("bands", "images", "paragraphs")},
+        },
+        "map_bytes_per_document": per_row(["map"]),
+        "group_bytes_per_document": max(
+            max(0, (f["peak_rss"] or 0) - base) * groups // size
+            for p in ("verify_a", "verify_b", "names", "collect", "cluster")
+            for f in by_phase[p]
+        ),
+        "decide_bytes": max(f["peak_rss"] or 0 for f in by_phase["decide"]),
+        "cluster_rounds": len(by_phase["cluster"]) // groups,
+        "near_pairs_per_document": round(sum(f["rows_out"] for f in by_phase["verify_b"]) / size, 3),
+    }
 
 
 def slope(x: list[float], y: list[float]) -> float:
@@ -384,9 +452,12 @@ def main() -> None:
     parser.add_argument("--unit-docs", type=int, default=10_000)
     parser.add_argument("--work-dir", default=None, help="Where the corpus is written (default: a temp dir).")
     parser.add_argument("--ray-address", default=None)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Filter config override."
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    config = load_config(FilterConfig, None, CONFIG)
+    config = load_config(FilterConfig, None, [*CONFIG, *args.overrides])
     init_ray(args.ray_address)
     print(
         f"dedup config: reducer_rows={config.dedup.reducer_rows:,} group_documents={config.dedup.group_documents:,}"
@@ -397,6 +468,7 @@ def main() -> None:
     rss_exponent = slope(docs, [r["max_task_rss"] for r in results])
     time_exponent = slope(docs, [r["wall"] for r in results])
     amplification = max(r["bytes_read"] / r["signal_bytes"] for r in results)
+    print(f"measured: {results[-1]['measured']}")
     print(
         f"rss_exponent={rss_exponent:.3f} read_amplification={amplification:.3f} "
         f"time_exponent={time_exponent:.3f} max_task_rss_mb={results[-1]['max_task_rss'] / 2**20:.1f}"

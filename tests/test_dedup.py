@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from m3w.config import load_config
+from m3w.pipeline.dedup import load_unit_drops, run_dedup
 from m3w.pipeline.dedup.keys import date_key, group_partition, hash_partition, id_key
 from m3w.pipeline.dedup.layout import Layout, SignalsUnit, plan_layout
 from m3w.pipeline.dedup.pairs import cluster_file, cluster_round
@@ -27,6 +29,7 @@ from m3w.pipeline.filter import EXCLUDED_DIR, run_filter
 from m3w.pipeline.filters import FilterConfig
 from m3w.pipeline.filters.config import DedupConfig
 from m3w.pipeline.filters.signals import minhash_signature
+from m3w.pipeline.io import name_of
 from m3w.schemas.documents import DOCUMENT_SCHEMA, document_files, iter_documents
 from m3w.schemas.filter_cache import BAND_KEYS_SCHEMA, EDGES_SCHEMA, LABELS_SCHEMA, read_parts, write_parts
 
@@ -423,6 +426,25 @@ def test_many_partitions_and_one_worker_give_the_same_bytes_and_a_killed_dedup_r
     assert outputs(out) == outputs(corpus["out"])
     again = run_filter(corpus["docs_dir"], out, config, ray_address=ray_address)
     assert again["dedup_cached"] and again["skipped"] == 5
+
+
+def test_partitioned_files_and_drop_lists_go_through_fsspec(corpus):
+    """The same dedup with its cache on a non-local fsspec filesystem (memory://, in this process) writes the
+    same drop lists as the corpus run did on local disk."""
+    config = load_config(FilterConfig, None, DEDUP_ONLY).dedup
+    units = []
+    for signals in sorted((corpus["out"] / "_cache" / "signals").glob("*.parquet")):
+        table = pq.read_table(signals)
+        lengths = [len(pc.list_flatten(table[c])) for c in ("bands", "images", "nodes")]
+        units.append(SignalsUnit(signals.name.split(".")[0], str(signals), table.num_rows, *lengths))
+    remote = run_dedup(units, config, "memory://m3w-dedup", in_process=True)
+    (local,) = (corpus["out"] / "_cache" / "dedup").iterdir()
+    assert name_of(remote.directory) == local.name  # same corpus and config: same decisions key
+    for unit in units:
+        assert load_unit_drops(remote.drops_file(unit.name)) == load_unit_drops(
+            str(local / "drops" / f"{unit.name}.parquet")
+        )
+    assert sum(len(load_unit_drops(remote.drops_file(u.name)).documents) for u in units) >= 8
 
 
 def test_partition_counts_follow_the_corpus_or_the_config():

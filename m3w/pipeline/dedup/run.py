@@ -14,12 +14,17 @@ clustering rounds wait for the driver, which adds a round while the last one sti
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from m3w.config import to_dict
 from m3w.pipeline.dedup import drops, mapper, pairs, reduce
@@ -56,6 +61,15 @@ def decisions_key(units: Sequence[SignalsUnit], config: DedupConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ memory
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (Python objects, Arrow's pool, glibc's heap), so that a Ray worker does
+    not carry one task's high-water mark into the next."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:
@@ -97,6 +111,7 @@ def _task(
     (Ray passes them once those tasks finished); counting reducers' chunk numbers reach `collect` this way."""
     if exists(marker):
         return {**json.loads(read_bytes(marker)), "skipped": True}
+    release_memory()
     measured = reset_peak_rss()
     read_before = sum(BYTES_READ.values())
     start = time.monotonic()
@@ -111,6 +126,7 @@ def _task(
         peak_rss=peak_rss() if measured else None,
     )
     write_bytes(marker, json.dumps(figures, sort_keys=True).encode())
+    release_memory()
     return figures
 
 
@@ -134,11 +150,13 @@ class _Graph:
         self.layout_ref = ray.put(layout)
         self.refs: list[Any] = []
 
+    def marker(self, phase: str, name: str) -> str:
+        return self.layout.path("_tasks", f"{phase}.{name}.json")
+
     def submit(
         self, phase: str, name: str, fn: Callable[..., dict], args: tuple, deps: Sequence[Any] = ()
     ) -> Any:
-        marker = self.layout.path("_tasks", f"{phase}.{name}.json")
-        ref = self.remote.remote(phase, name, marker, fn, self.layout_ref, args, *deps)
+        ref = self.remote.remote(phase, name, self.marker(phase, name), fn, self.layout_ref, args, *deps)
         self.refs.append(ref)
         return ref
 
@@ -154,15 +172,39 @@ class _Graph:
             raise DedupError(f"dedup failed: {type(cause).__name__}: {line}") from exc
 
 
-def run_dedup(units: Sequence[SignalsUnit], config: DedupConfig, cache_dir: str) -> DedupRun:
-    """Drop lists for the corpus of `units` (in this order: a unit's ordinal is its index), from the cache when
-    this config and these signals were seen before. Ray must be initialised."""
+class _InProcess(_Graph):
+    """Runs each task at once in this process, in submission order (tests and debugging, no Ray)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.refs = []
+
+    def submit(
+        self, phase: str, name: str, fn: Callable[..., dict], args: tuple, deps: Sequence[Any] = ()
+    ) -> Any:
+        try:
+            figures = _task(phase, name, self.marker(phase, name), fn, self.layout, args, *deps)
+        except Exception as exc:  # noqa: BLE001 - reported like a failed Ray task
+            raise DedupError(f"dedup failed: {type(exc).__name__}: {exc}") from exc
+        self.refs.append(figures)
+        return figures
+
+    def get(self, refs: list[Any]) -> list[dict[str, Any]]:
+        return refs
+
+
+def run_dedup(
+    units: Sequence[SignalsUnit], config: DedupConfig, cache_dir: str, in_process: bool = False
+) -> DedupRun:
+    """Drop lists for the corpus of `units` (in this order: a unit's ordinal is its index) under `cache_dir` (a
+    local path or fsspec URL), from the cache when this config and these signals were seen before. Ray must be
+    initialised, unless `in_process`: then every task runs here, one after the other."""
     directory = join(cache_dir, decisions_key(units, config))
     layout = plan_layout(directory, list(units), config)
     done = join(directory, DONE)
     if exists(done):
         return DedupRun(directory, True, layout)
-    graph = _Graph(layout)
+    graph = _InProcess(layout) if in_process else _Graph(layout)
     # Every phase function takes the layout first: `submit` passes it from the object store.
     maps = [graph.submit("map", f"{u:07d}", mapper.map_unit, (u, unit)) for u, unit in enumerate(units)]
     exact: list[Any] = []
