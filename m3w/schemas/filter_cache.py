@@ -134,9 +134,11 @@ _HEADER = struct.Struct("<8sIIQ")
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
-def write_parts(url: str, table: pa.Table, partition: np.ndarray, partitions: int) -> int:
-    """Write `table` split by `partition` (one int per row, in [0, partitions)); rows keep their order within a
-    partition. Returns the bytes written."""
+def write_parts(url: str, table: pa.Table, partition: np.ndarray | None = None, partitions: int = 1) -> int:
+    """Write `table` split by `partition` (one int per row, in [0, partitions); all in one when None); rows keep
+    their order within a partition. Returns the bytes written."""
+    if partition is None:
+        partition = np.zeros(table.num_rows, dtype=np.int64)
     order = np.argsort(partition, kind="stable")
     counts = (
         np.bincount(partition, minlength=partitions) if len(partition) else np.zeros(partitions, np.int64)

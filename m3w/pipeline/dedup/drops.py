@@ -19,7 +19,6 @@ from m3w.pipeline.dedup.keys import (
     NEAR_DUPLICATE,
     RULE_CODE,
     RULES,
-    group_partition,
     row_of,
     unit_of,
 )
@@ -33,7 +32,6 @@ from m3w.schemas.filter_cache import (
     read_drops,
     read_parts,
     write_drops,
-    write_parts,
 )
 
 _WHAT = {RULE_CODE[r.name]: r.what for r in EXACT_RULES}
@@ -64,9 +62,7 @@ def names(layout: Layout, group: int, units: dict[int, SignalsUnit], last_round:
         for r, i in zip(rule.tolist(), index.tolist())
     ]
     table = pa.Table.from_arrays([gid, rule, pa.array(reasons, pa.string())], schema=NAMED_DROPS_SCHEMA)
-    written = write_parts(
-        layout.group_file("names", group), table, group_partition(gid, layout.starts), layout.groups
-    )
+    written = layout.write_by_group(layout.group_file("names", group), table, gid)
     return {"rows_in": len(gid), "rows_out": len(gid), "bytes_out": written}
 
 

@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
-from m3w.pipeline.dedup.keys import EXACT_RULES, Rule
+from m3w.pipeline.dedup.keys import EXACT_RULES, Rule, group_partition
 from m3w.pipeline.filters.config import DedupConfig
 from m3w.pipeline.io import join
+from m3w.schemas.filter_cache import write_parts
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class Layout:
 
     def drops_file(self, unit: str) -> str:
         return self.path("drops", f"{unit}.parquet")
+
+    def write_by_group(self, url: str, table: pa.Table, gid: np.ndarray) -> int:
+        """Write `table` partitioned by the unit group of the document `gid` of each row. Returns bytes written."""
+        return write_parts(url, table, group_partition(gid, self.starts), self.groups)
 
 
 def partitions_for(rows: int, config: DedupConfig) -> int:

@@ -17,14 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from m3w.pipeline.dedup.keys import NEAR_DUPLICATE, RULE_CODE, group_partition, order_keys, row_of, unit_of
+from m3w.pipeline.dedup.keys import NEAR_DUPLICATE, order_keys, row_of, unit_of
 from m3w.pipeline.dedup.layout import BANDS, Layout, SignalsUnit
-from m3w.pipeline.dedup.reduce import unique_pairs
+from m3w.pipeline.dedup.reduce import losers, unique_pairs
 from m3w.schemas.filter_cache import (
     DEAD_SCHEMA,
     EDGES_SCHEMA,
     LABELS_SCHEMA,
-    LOSERS_SCHEMA,
     PAIRS_SCHEMA,
     read_parts,
     read_signals,
@@ -83,9 +82,7 @@ def verify_a(layout: Layout, group: int, units: dict[int, SignalsUnit]) -> dict[
     date, idk = _orders(values)
     signature = pa.FixedSizeListArray.from_arrays(pa.array(values["signature"].reshape(-1)), num_perm)
     table = pa.Table.from_arrays([a, b, date, idk, signature], schema=signed_pairs_schema(num_perm))
-    written = write_parts(
-        layout.group_file("verify_a", group), table, group_partition(b, layout.starts), layout.groups
-    )
+    written = layout.write_by_group(layout.group_file("verify_a", group), table, b)
     return {"rows_in": pairs.num_rows, "rows_out": len(a), "bytes_out": written}
 
 
@@ -119,9 +116,7 @@ def verify_b(layout: Layout, group: int, units: dict[int, SignalsUnit]) -> dict[
         schema=EDGES_SCHEMA,
     )
     node = edges["node"].to_numpy()
-    written = write_parts(
-        layout.group_file("verify_b", group), edges, group_partition(node, layout.starts), layout.groups
-    )
+    written = layout.write_by_group(layout.group_file("verify_b", group), edges, node)
     return {"rows_in": len(alive), "rows_out": len(a), "bytes_out": written}
 
 
@@ -163,9 +158,7 @@ def cluster_round(layout: Layout, group: int, round_: int) -> dict[str, Any]:
     for column in ("date", "idk", "best"):
         label[column][changed] = heard[column][newer]
     state = pa.Table.from_arrays([label[c] for c in ("node", "date", "idk", "best")], schema=LABELS_SCHEMA)
-    written = write_parts(
-        cluster_file(layout, group, round_, "state"), state, np.zeros(state.num_rows, np.int64), 1
-    )
+    written = write_parts(cluster_file(layout, group, round_, "state"), state)
     # Changed labels go to every neighbour of the changed node.
     sender = np.isin(e["node"], label["node"][changed])
     where = np.searchsorted(label["node"], e["node"][sender])
@@ -173,27 +166,12 @@ def cluster_round(layout: Layout, group: int, round_: int) -> dict[str, Any]:
         [e["neighbor"][sender], label["date"][where], label["idk"][where], label["best"][where]],
         schema=LABELS_SCHEMA,
     )
-    written += write_parts(
-        cluster_file(layout, group, round_, "messages"),
-        messages,
-        group_partition(e["neighbor"][sender], layout.starts),
-        layout.groups,
+    written += layout.write_by_group(
+        cluster_file(layout, group, round_, "messages"), messages, e["neighbor"][sender]
     )
     lost = label["best"] != label["node"]
-    losers = pa.Table.from_arrays(
-        [
-            label["node"][lost],
-            label["best"][lost],
-            np.full(int(lost.sum()), RULE_CODE[NEAR_DUPLICATE.name], np.int8),
-        ],
-        schema=LOSERS_SCHEMA,
-    )
-    written += write_parts(
-        cluster_file(layout, group, round_, "kept"),
-        losers,
-        group_partition(label["best"][lost], layout.starts),
-        layout.groups,
-    )
+    table = losers(label["node"][lost], label["best"][lost], NEAR_DUPLICATE.name)
+    written += layout.write_by_group(cluster_file(layout, group, round_, "kept"), table, label["best"][lost])
     return {
         "rows_in": edges.num_rows,
         "rows_out": int(lost.sum()),

@@ -44,6 +44,9 @@ MEASURED = {
 }
 
 
+PIECE_OVERHEAD_BYTES = 40  # header and the two offsets a reader fetches per piece (schemas/filter_cache.py)
+
+
 @dataclass(frozen=True)
 class Need:
     phase: str
@@ -73,6 +76,25 @@ def needs(documents: int, config: DedupConfig | None = None) -> list[Need]:
     return out
 
 
+def slices(documents: int, config: DedupConfig | None = None) -> int:
+    """How many (writer file, partition) pieces the run's tasks read: every exchange is all-to-all, so this grows
+    with the square of the corpus. Each piece costs a reader three small requests (header, offsets, rows)."""
+    config = config or DedupConfig()
+    m = MEASURED
+    units = math.ceil(documents / UNIT_DOCUMENTS)
+    groups = math.ceil(documents / config.group_documents)
+    partitions = {
+        kind: math.ceil(documents * n / config.reducer_rows) for kind, n in m["rows_per_document"].items()
+    }
+    exact = [partitions[r.name] for r in EXACT_RULES]
+    total = units * sum(partitions.values())  # map → reduce
+    total += sum(exact[i] * exact[j] for i in range(len(exact)) for j in range(i + 1, len(exact)))  # forwards
+    total += (partitions[BANDS] + sum(exact)) * groups  # → verify_a
+    total += groups * groups * (2 + m["cluster_rounds"])  # → verify_b, cluster rounds, names
+    total += (partitions[IMAGES] + partitions[PARAGRAPHS] + groups) * groups  # → collect
+    return total
+
+
 def _size(n: float) -> str:
     for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
         if n >= scale:
@@ -81,7 +103,7 @@ def _size(n: float) -> str:
 
 
 def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f}"
@@ -104,6 +126,10 @@ def markdown(
     row("signals written (per unit, cached)", [_size(n * m["signal_bytes_per_document"]) for n in sizes])
     row("keys shuffled (written once, read once)", [_size(n * m["key_bytes_per_document"]) for n in sizes])
     row("bytes read by all tasks", [_size(n * m["read_bytes_per_document"]) for n in sizes])
+    row(
+        "pieces read (3 requests each; offsets and headers)",
+        [f"{_count(slices(n, config))} ({_size(slices(n, config) * PIECE_OVERHEAD_BYTES)})" for n in sizes],
+    )
     for i, need in enumerate(plans[sizes[0]]):
         values = [f"{_count(plans[n][i].tasks)} × {plans[n][i].memory / 2**20:,.0f} MB" for n in sizes]
         row(need.phase, values)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from m3w.pipeline.dedup.keys import NULL_KEY, RULE_CODE, group_partition, hash_partition
+from m3w.pipeline.dedup.keys import NULL_KEY, RULE_CODE, hash_partition
 from m3w.pipeline.dedup.layout import BANDS, Layout
 from m3w.schemas.filter_cache import (
     BAND_KEYS_SCHEMA,
@@ -45,6 +45,13 @@ def run_starts(sorted_keys: np.ndarray) -> np.ndarray:
     first = np.ones(len(sorted_keys), dtype=bool)
     first[1:] = sorted_keys[1:] != sorted_keys[:-1]
     return first
+
+
+def losers(gid: np.ndarray, kept: np.ndarray, rule: str) -> pa.Table:
+    """Documents `gid` dropped by `rule` in favour of `kept`."""
+    return pa.Table.from_arrays(
+        [gid, kept, np.full(len(gid), RULE_CODE[rule], np.int8)], schema=LOSERS_SCHEMA
+    )
 
 
 def newest_of_runs(sorted_keys: np.ndarray, gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,22 +84,14 @@ def reduce_exact(layout: Layout, name: str, partition: int) -> dict[str, Any]:
     order = np.lexsort((alive["gid"], alive["idk"], alive["date"], alive["key"]))
     alive = {c: v[order] for c, v in alive.items()}
     lost, keeper = newest_of_runs(alive["key"], alive["gid"])
-    losers = pa.Table.from_arrays(
-        [alive["gid"][lost], keeper[lost], np.full(lost.sum(), RULE_CODE[name], np.int8)],
-        schema=LOSERS_SCHEMA,
+    gone_now = alive["gid"][lost]
+    written = layout.write_by_group(
+        layout.reduce_file(name, partition, "kept"), losers(gone_now, keeper[lost], name), keeper[lost]
     )
-    starts = layout.starts
-    written = write_parts(
-        layout.reduce_file(name, partition, "kept"),
-        losers,
-        group_partition(keeper[lost], starts),
-        layout.groups,
-    )
-    written += write_parts(
+    written += layout.write_by_group(
         layout.reduce_file(name, partition, "dead"),
-        pa.Table.from_arrays([alive["gid"][lost]], schema=DEAD_SCHEMA),
-        group_partition(alive["gid"][lost], starts),
-        layout.groups,
+        pa.Table.from_arrays([gone_now], schema=DEAD_SCHEMA),
+        gone_now,
     )
     # Every document gone so far goes on to the first later rule it has a key for.
     gone = {c: np.concatenate([forwarded[c], alive[c][lost]]) for c in forwarded}
@@ -127,9 +126,7 @@ def reduce_bands(layout: Layout, partition: int) -> dict[str, Any]:
     key, gid = records["key"][order], records["gid"][order]
     a, b = unique_pairs(*bucket_pairs(key, gid, MAX_BUCKET_PAIRS))
     table = pa.Table.from_arrays([a, b], schema=PAIRS_SCHEMA)
-    written = write_parts(
-        layout.reduce_file(BANDS, partition, "pairs"), table, group_partition(a, layout.starts), layout.groups
-    )
+    written = layout.write_by_group(layout.reduce_file(BANDS, partition, "pairs"), table, a)
     return {"rows_in": len(gid), "rows_out": len(a), "bytes_out": written}
 
 
@@ -215,12 +212,8 @@ def node_drops_file(layout: Layout, kind: str, partition: int, chunk: int) -> st
 
 def _write_node_drops(layout: Layout, kind: str, partition: int, chunk: int, tables: list[pa.Table]) -> int:
     table = pa.concat_tables(tables) if tables else NODE_DROPS_SCHEMA.empty_table()
-    gid = table["gid"].to_numpy()
-    return write_parts(
-        node_drops_file(layout, kind, partition, chunk),
-        table,
-        group_partition(gid, layout.starts),
-        layout.groups,
+    return layout.write_by_group(
+        node_drops_file(layout, kind, partition, chunk), table, table["gid"].to_numpy()
     )
 
 
