@@ -24,7 +24,6 @@ from typing import Any
 import click
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from m3w.cli import OutputDir, stage_options
 from m3w.config import to_dict
@@ -43,7 +42,7 @@ from m3w.pipeline.filters import (
 from m3w.pipeline.filters.lang import identify
 from m3w.pipeline.filters.signals import signals_table, stats_columns, stats_of
 from m3w.pipeline.filters.text import MAX_STATS_CHARS, TextStats, word_repetition_ratio, words
-from m3w.pipeline.io import atomic_path, name_of, stable_hash, write_parquet_atomic
+from m3w.pipeline.io import atomic_path, name_of, stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, init_ray, run_units
 from m3w.schemas.documents import (

@@ -134,9 +134,10 @@ class DedupConfig:
     image_url_max_docs: int = 10
     # A paragraph found in more than this many documents of one domain is boilerplate: every copy goes.
     paragraph_max_docs_per_domain: int = 2
-    # How the work is cut (never what is decided: any setting gives the same decisions). Each kind of key (URL,
-    # text, image set, MinHash bands, image URLs, paragraphs) is reduced by hash partition, one Ray task each.
-    num_partitions: int = 0  # reduce tasks per kind of key; 0 = one per `reducer_rows` rows of that kind
+    # Reduce tasks (hash partitions) per kind of key: URL, text, image set, MinHash bands, image URLs,
+    # paragraphs. 0 = one per `reducer_rows` key rows of that kind, so tasks follow the corpus. This and the two
+    # below cut the work, never what is decided: any setting gives the same decisions.
+    num_partitions: int = 0
     reducer_rows: int = 2_000_000  # key rows per reduce task when num_partitions is 0 (~100 MB of keys)
     group_documents: int = 250_000  # documents per task of the per-document phases (MinHash check, reasons)
 
