@@ -17,9 +17,10 @@ cluster; Ray start-up is printed separately) and of the whole `img2dataset` comm
 processes doing the work (our driver + Ray workers; img2dataset's process tree).
 
 Then the CPU cost per image of each step, on the stored images of our run, one thread: the luma decode the
-cheap signals share, pHash, blur, text share; and the model steps with the default architectures (CLIP
-ViT-B/32 and a ViT-B/16 classifier, random weights built from their configs: the same FLOPs as the published
-checkpoints, nothing downloaded), batched, on this machine's CPU (torch threads: all cores).
+cheap signals share, pHash, blur, text share; the model steps with the default architectures (CLIP ViT-B/32 and
+a ViT-B/16 classifier, random weights built from their configs: the same FLOPs as the published checkpoints,
+nothing downloaded), batched, on this machine's CPU (torch threads: all cores); and the store-wide pHash counts
+(map/reduce Ray tasks: wall ms per stored image).
 Last line: ours_img_s=<float> img2dataset_img_s=<float> ratio=<float> ours_default_steps_img_s=<float>
 peak_rss_mb=<float> then `<step>_ms=<float>` per step (CPU ms per image).
 """
@@ -259,6 +260,22 @@ def step_costs(jpegs: list[bytes], work: Path, model_images: int = 32) -> dict[s
     return costs
 
 
+def phash_counts_cost(store: Path) -> tuple[float, float]:
+    """Wall ms per stored image of the store-wide pHash counts (map + reduce Ray tasks), counted afresh; its CPU
+    time is spent in Ray workers, so the wall time stands for both."""
+    from m3w.pipeline.image_filters.duplicates import run_phash_counts
+    from m3w.pipeline.imagestore import ImageStore
+    from m3w.schemas.image_duplicates import PHASH_DIR
+
+    shutil.rmtree(store / PHASH_DIR, ignore_errors=True)
+    image_store = ImageStore(store)
+    stored = sum(1 for key in image_store.table().column("resized_sha256").to_pylist() if key)
+    start = time.monotonic()
+    run_phash_counts(store, image_store.index_files())
+    wall = (time.monotonic() - start) / max(stored, 1) * 1e3
+    return wall, wall
+
+
 def stored_jpegs(store: Path, n: int) -> list[bytes]:
     from m3w.pipeline.imagestore import ImageStore
 
@@ -314,6 +331,7 @@ def main() -> None:
     if ours_ok != len(names) or i2d_ok != len(names) or steps_ok != len(names):
         raise SystemExit(f"not every image was downloaded: ours {ours_ok}/{steps_ok}, img2dataset {i2d_ok}")
     costs = step_costs(stored_jpegs(args.out / "store", 200), args.out / "models")
+    costs["phash_counts"] = phash_counts_cost(args.out / "store")
     for step, (cpu, wall) in costs.items():
         print(f"  {step:<14} {cpu:8.2f} CPU ms/image {wall:8.2f} wall ms/image")
     print(

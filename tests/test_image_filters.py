@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,160 @@ def test_images_tasks_ask_for_a_gpu_share_only_when_a_model_step_can_use_one() -
     assert task_gpus(config, cluster_gpus=8) == 0.0
     config.nsfw.enabled, config.gpus_per_task = True, 0.5
     assert task_gpus(config, cluster_gpus=8) == 0.5
+
+
+def test_images_stage_compares_each_image_with_its_text_on_the_page(
+    webcorpus, photos, serve_routes, ray_address, tmp_path, tiny_clip
+) -> None:
+    """Documents in: each image is scored against what its first page says about it (alt text here, the nearest
+    paragraph there); an image no page says anything about has no score. The stored score is the model's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import Route
+
+    from m3w.pipeline.image_filters.models import ClipRelevance
+    from m3w.pipeline.images import run_images
+    from m3w.pipeline.imagestore import ImageStore
+    from m3w.schemas import documents as doc_spec
+
+    names = ["sklearn_china.jpg", "skimage_coffee.png", "skimage_coins.png"]
+    base, _ = serve_routes({f"/{n}": Route((webcorpus / "photos" / n).read_bytes()) for n in names})
+    china, coffee, coins = (f"{base}/{n}" for n in names)
+    docs = [
+        {"doc_id": "a", "url": "https://example.org/a", "nodes": [
+            {"kind": "image", "node_index": 0, "url": china, "alt": "a temple roof in china"},
+            {"kind": "text", "node_index": 1, "text": "a cup of coffee on a table", "block": "paragraph"},
+            {"kind": "image", "node_index": 2, "url": coffee}]},
+        {"doc_id": "b", "url": "https://example.org/b", "nodes": [  # a later page: its alt text is not used
+            {"kind": "image", "node_index": 0, "url": china, "alt": "something else"},
+            {"kind": "image", "node_index": 1, "url": coins}]},
+    ]  # fmt: skip
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    pq.write_table(pa.Table.from_pylist(docs, schema=doc_spec.DOCUMENT_SCHEMA), filtered / "part-0.parquet")
+    config = ImagesConfig()
+    config.filters.enabled = False
+    clip = config.image_filters.clip
+    clip.enabled, clip.model = True, str(tiny_clip)
+    summary = run_images(
+        [filtered], tmp_path / "store", config, ray_address=ray_address, allow_hosts=[base[7:]]
+    )
+    assert summary.statuses == {"ok": 3} and summary.units_failed == 0, summary
+    store = ImageStore(tmp_path / "store")
+    rows = store.lookup([china, coffee, coins])
+    assert rows[coins]["clip_similarity"] is None  # no text on its page
+    model = ClipRelevance.load(clip)
+    for url, text in ((china, "a temple roof in china"), (coffee, "a cup of coffee on a table")):
+        image = Image.open(io.BytesIO(store.read_blob(rows[url]["resized_sha256"]))).convert("RGB")
+        assert rows[url]["clip_similarity"] == pytest.approx(float(model.score([image], [text])[0]), abs=1e-5)
+        assert rows[url]["clip_model"] == str(tiny_clip)
+
+
+# ------------------------------------------------------------------------------------ pHash duplicate counts
+
+
+def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_path) -> None:
+    """Map per index file, reduce per key range: the counts equal a group-by of every stored image's pHash,
+    however many ranges; rows that are not stored images do not count; a run over the same files is cached."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3w.pipeline.image_filters.duplicates import (
+        duplicate_counts,
+        key_ranges,
+        run_phash_counts,
+        shuffle_keys,
+    )
+    from m3w.schemas import images as spec
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=40, dtype=np.int64)
+    files, every_phash = [], []
+    for i in range(5):
+        phashes = rng.choice(pool, size=30)
+        rows = [{"url": f"u{i}-{j}", "status": "ok", "phash": int(h)} for j, h in enumerate(phashes)]
+        rows += [
+            {"url": f"bad{i}", "status": "http_error", "phash": int(pool[0])},
+            {"url": f"n{i}", "status": "ok"},
+        ]
+        path = tmp_path / "index" / f"{i}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=spec.IMAGE_INDEX_SCHEMA), path)
+        files.append(path)
+        every_phash.extend(phashes.tolist())
+    values, counts = np.unique(every_phash, return_counts=True)
+    expected = {int(v): int(c) for v, c in zip(values, counts) if c >= 2}
+
+    key = run_phash_counts(tmp_path, files, ray_address, rows_per_reduce=40)  # 150 pHashes: 4 ranges
+    assert len(list((tmp_path / "_phash" / "counts" / key).glob("*.parquet"))) == 4
+    assert duplicate_counts(str(tmp_path), key) == expected
+    limit = sorted(expected.values())[len(expected) // 2]
+    assert duplicate_counts(str(tmp_path), key, limit) == {h: n for h, n in expected.items() if n > limit}
+    assert run_phash_counts(tmp_path, files, ray_address) == key  # cached: nothing recounted
+    # Fewer files: other counts, under another key; the superseded counts go.
+    fewer = run_phash_counts(tmp_path, files[:2], ray_address)
+    assert fewer != key and not (tmp_path / "_phash" / "counts" / key).exists()
+    assert sum(duplicate_counts(str(tmp_path), fewer).values()) < sum(expected.values())
+    # The shuffle keys spread the pHashes over the ranges (pHash bits are not uniform), without collisions.
+    keys = shuffle_keys(np.arange(0, 4000, dtype=np.int64) << 52)
+    assert len(set(keys.tolist())) == 4000
+    per_range = [int(((keys >= lo) & (keys <= hi)).sum()) for lo, hi in key_ranges(4)]
+    assert min(per_range) > 800, per_range
+
+
+def test_images_stage_counts_phash_duplicates_and_drops_overused_pictures(
+    webcorpus, serve_routes, ray_address, tmp_path
+) -> None:
+    """Copies of one photo (resized, re-encoded) under several URLs share a pHash: the store counts them, and with
+    `phash.max_duplicates` = K the images of a pHash more than K stored images have are dropped (replayed from
+    the index, nothing fetched), counted in the funnel and left out of the shards; distinct photos stay."""
+    from conftest import Route
+
+    from m3w.pipeline.image_filters.duplicates import duplicate_counts
+    from m3w.pipeline.images import run_images
+    from m3w.pipeline.imagestore import ImageStore
+    from m3w.pipeline.shards import stored_images
+    from m3w.pipeline.stats import format_funnel, funnel
+    from m3w.schemas.images import read_phash_counts
+
+    china = Image.open(webcorpus / "photos" / "sklearn_china.jpg").convert("RGB")
+    routes = {f"/{n}": Route((webcorpus / "photos" / n).read_bytes())
+              for n in ("sklearn_china.jpg", "skimage_coffee.png", "skimage_coins.png")}  # fmt: skip
+    for i, (size, quality) in enumerate((((320, 213), 60), ((480, 320), 85), ((1000, 667), 92))):
+        routes[f"/china-{i}.jpg"] = Route(jpeg_bytes(china.resize(size, Image.Resampling.BILINEAR), quality))
+    base, hits = serve_routes(routes)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{base}{p}\n" for p in list(routes)[:5]))  # one copy held back for a later run
+    store = tmp_path / "store"
+    config = ImagesConfig()
+    config.filters.enabled = False
+    run = functools.partial(run_images, store_dir=store, ray_address=ray_address, allow_hosts=[base[7:]])
+
+    first = run([urls], config=config)
+    assert first.statuses == {"ok": 5} and first.filter_drops == {} and first.units_failed == 0, first
+    rows = ImageStore(store).table().to_pylist()
+    by_hash = Counter(row["phash"] for row in rows)
+    china_hash = next(r["phash"] for r in rows if r["url"].endswith("/sklearn_china.jpg"))
+    assert by_hash[china_hash] >= 3  # the original and (most of) its copies hash alike
+    counts = duplicate_counts(str(store), read_phash_counts(store))
+    assert counts == {h: n for h, n in by_hash.items() if n >= 2}  # the count kept per shared pHash
+
+    more = tmp_path / "more.txt"
+    more.write_text("".join(f"{base}{p}\n" for p in routes))
+    config.image_filters.phash.max_duplicates = 2
+    second = run([more], config=config)
+    assert second.fetched == 1 and second.units_failed == 0, second
+    rows = ImageStore(store).table().to_pylist()
+    by_hash = Counter(row["phash"] for row in rows)
+    overused = {r["url"] for r in rows if by_hash[r["phash"]] > 2}
+    assert len(overused) >= 4 and f"{base}/sklearn_china.jpg" in overused
+    assert second.filter_drops == {"image.phash_duplicates": len(overused)}, second.filter_drops
+    docs = [{"nodes": [{"kind": "image", "url": f"{base}{p}"} for p in routes]}]
+    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes} - overused
+    assert "image.phash_duplicates" in format_funnel(funnel([store]))
+
+    config.image_filters.phash.max_duplicates = None  # a looser rule: replayed, nothing fetched
+    before = sum(hits.values())
+    third = run([more], config=config)
+    assert third.fetched == 0 and third.filter_drops == {} and sum(hits.values()) == before
+    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes}

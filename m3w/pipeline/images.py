@@ -22,6 +22,7 @@ import io
 import json
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,12 +38,14 @@ from m3w.config import to_dict
 from m3w.pipeline.fetch import FetchConfig, shared_fetcher
 from m3w.pipeline.filters import ImageFilterConfig, check_image_size
 from m3w.pipeline.image_filters import ImageFilters, ImageFiltersConfig
+from m3w.pipeline.image_filters.context import first_contexts
+from m3w.pipeline.image_filters.duplicates import run_phash_counts
 from m3w.pipeline.image_filters.replay import STAGE as IMAGE_FILTERS_STAGE
 from m3w.pipeline.image_filters.replay import run_image_filters
 from m3w.pipeline.imagestore import ImageStore, is_final
 from m3w.pipeline.io import stable_hash
 from m3w.pipeline.manifest import Manifest
-from m3w.pipeline.ray_runner import Unit, run_units
+from m3w.pipeline.ray_runner import RunSummary, Unit, init_ray, run_units
 from m3w.pipeline.stats import current_totals
 from m3w.schemas.documents import iter_image_urls
 from m3w.schemas.images import IMAGE_FILTERS_FILE
@@ -206,9 +209,10 @@ def decode_data_uri(url: str, max_bytes: int) -> bytes:
 class _Worker:
     """Everything one Ray task shares between its fetch threads."""
 
-    def __init__(self, store: ImageStore, config: ImagesConfig) -> None:
+    def __init__(self, store: ImageStore, config: ImagesConfig, contexts: dict[str, str]) -> None:
         self.store = store
         self.config = config
+        self.contexts = contexts  # url → the page text image-text relevance compares it with
         self.fetcher = shared_fetcher(config.fetch)
         self.filters = ImageFilters(config.image_filters)
         self._for_models: dict[str, bytes] = {}  # url → stored JPEG, until the model steps score its batch
@@ -262,7 +266,7 @@ class _Worker:
         """The model steps on a batch of stored images (run on the task's thread, batched for the GPU)."""
         with self._lock:
             jpegs = [self._for_models.pop(row["url"]) for row in rows]
-        self.filters.score_models(rows, jpegs, [None] * len(rows))
+        self.filters.score_models(rows, jpegs, [self.contexts.get(row["url"]) for row in rows])
 
 
 @dataclass(frozen=True)
@@ -271,12 +275,13 @@ class ChunkArgs:
     name: str
     urls: tuple[tuple[str, int], ...]  # (url, attempts so far)
     config: ImagesConfig
+    contexts: dict[str, str] = field(default_factory=dict)  # of these URLs, when image-text relevance runs
 
 
 def fetch_chunk(args: ChunkArgs) -> tuple[str, dict[str, int]]:
     """Ray task: fetch one chunk of URLs and write its index file. Returns (index relpath, counts)."""
     store = ImageStore(args.store_dir)
-    worker = _Worker(store, args.config)
+    worker = _Worker(store, args.config, args.contexts)
     # Results come back as they complete; a URL of a busy or rate-limited host never holds a thread that others
     # could use (per-host limits are per process: the fetcher is shared by the tasks a Ray worker runs).
     rows, batch = [], []
@@ -301,10 +306,15 @@ def fetch_chunk(args: ChunkArgs) -> tuple[str, dict[str, int]]:
 # ------------------------------------------------------------------------------------------------- inputs
 
 
+def is_documents_input(path: Path) -> bool:
+    """A filtered/ directory or documents parquet file, as opposed to a text file of URLs."""
+    return path.is_dir() or path.suffix == ".parquet"
+
+
 def iter_input_urls(inputs: Iterable[str | Path]) -> Iterator[str]:
     """Image URLs of filtered/ directories or parquet files (image nodes), or of text files (one URL a line)."""
     for path in map(Path, inputs):
-        if path.is_dir() or path.suffix == ".parquet":  # a directory's own documents: not excluded/, _cache/
+        if is_documents_input(path):  # a directory's own documents: not excluded/, _cache/
             yield from iter_image_urls(path)
         elif path.is_file():
             with open(path, encoding="utf-8") as f:
@@ -338,8 +348,14 @@ class ImagesSummary:
         return self.fetched / self.seconds if self.seconds else 0.0
 
 
-def plan_units(pending: list[tuple[str, int]], store_dir: str, config: ImagesConfig) -> list[Unit]:
-    """Deterministic chunks of the pending URLs by URL hash; the run key names this pending set."""
+def plan_units(
+    pending: list[tuple[str, int]],
+    store_dir: str,
+    config: ImagesConfig,
+    contexts: dict[str, str] | None = None,
+) -> list[Unit]:
+    """Deterministic chunks of the pending URLs by URL hash; the run key names this pending set. `contexts`
+    (url → page text) go to the chunk of their URL."""
     if not pending:
         return []
     run_key = hashlib.sha256("\n".join(f"{u}\t{a}" for u, a in pending).encode()).hexdigest()[:12]
@@ -347,11 +363,14 @@ def plan_units(pending: list[tuple[str, int]], store_dir: str, config: ImagesCon
     buckets: list[list[tuple[str, int]]] = [[] for _ in range(n_units)]
     for url, attempts in pending:
         buckets[int(hashlib.sha1(url.encode()).hexdigest()[:8], 16) % n_units].append((url, attempts))
-    return [
-        Unit(f"{run_key}-{i:05d}", ChunkArgs(store_dir, f"{run_key}-{i:05d}", tuple(bucket), config))
-        for i, bucket in enumerate(buckets)
-        if bucket
-    ]
+    contexts = contexts or {}
+    units = []
+    for i, bucket in enumerate(buckets):
+        if bucket:
+            name = f"{run_key}-{i:05d}"
+            chunk_contexts = {url: contexts[url] for url, _ in bucket if url in contexts}
+            units.append(Unit(name, ChunkArgs(store_dir, name, tuple(bucket), config, chunk_contexts)))
+    return units
 
 
 @contextlib.contextmanager
@@ -377,6 +396,18 @@ def _check_store_settings(store_dir: Path, config: ImagesConfig) -> None:
         path.write_text(json.dumps(wanted, sort_keys=True) + "\n")
 
 
+def _task_gpus(config: ImageFiltersConfig, pending: list, ray_address: str | None) -> float:
+    """The GPU share of each fetch task: some when a model step runs and the cluster has GPUs, else none."""
+    if not pending or not ImageFilters(config).uses_models:
+        return 0.0
+    import ray
+
+    from m3w.pipeline.image_filters.models import task_gpus  # imports torch: only when a model step runs
+
+    init_ray(ray_address)
+    return task_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+
+
 def run_images(
     inputs: Iterable[str | Path],
     store_dir: str | Path,
@@ -392,6 +423,8 @@ def run_images(
         config = replace(
             config, fetch=replace(config.fetch, allow_hosts=[*config.fetch.allow_hosts, *allow_hosts])
         )
+    start = time.monotonic()
+    inputs = list(inputs)
     store_path = Path(store_dir)
     store_path.mkdir(parents=True, exist_ok=True)
     urls = sorted(set(iter_input_urls(inputs)))
@@ -409,12 +442,27 @@ def run_images(
                 exhausted += 1
             else:
                 pending.append((url, row["attempts"] or 0))
+        contexts = {}
+        if config.image_filters.clip.enabled:  # what each page says about its images: CLIP compares them
+            contexts = first_contexts([p for p in map(Path, inputs) if is_documents_input(p)],
+                                      {u for u, _ in pending}, config.image_filters.clip.max_text_chars)  # fmt: skip
         manifest = Manifest(store_path, "images", stable_hash(to_dict(config)))
-        result = run_units(fetch_chunk, plan_units(pending, str(store_path), config), manifest,
-                           workers=workers, ray_address=ray_address, desc="images", rate_key="images")  # fmt: skip
+        result = run_units(fetch_chunk, plan_units(pending, str(store_path), config, contexts), manifest,
+                           workers=workers, ray_address=ray_address, desc="images", rate_key="images",
+                           num_gpus_per_task=_task_gpus(config.image_filters, pending, ray_address))  # fmt: skip
+        index_files = ImageStore(store_path).index_files()
+        phash_counts, count_failure = None, {}
+        if config.image_filters.phash.enabled and index_files:  # the corpus-wide pHash counts
+            try:
+                phash_counts = run_phash_counts(store_path, index_files, ray_address)
+            except Exception as exc:  # noqa: BLE001 - a failed task fails this step (re-run it), not the run
+                count_failure = {"phash_counts": f"{type(exc).__name__}: {exc}"}
         # Thresholds on the stored scores: counted per index file, re-counted only when a threshold changes.
-        decided = run_image_filters(store_path, config.image_filters, ImageStore(store_path).index_files(),
-                                    workers=workers, ray_address=ray_address)  # fmt: skip
+        # Without the counts the duplicate rule needs, the thresholds in force stay the last run's.
+        decided = RunSummary(0, 0, 0, Counter(), 0.0, {})
+        if not (count_failure and config.image_filters.phash.max_duplicates is not None):
+            decided = run_image_filters(store_path, config.image_filters, index_files, workers=workers,
+                                        ray_address=ray_address, phash_counts=phash_counts)  # fmt: skip
     filter_counts, _, _ = current_totals(Manifest(store_path, IMAGE_FILTERS_STAGE))
     statuses = {k.removeprefix("status."): v for k, v in result.counts.items() if k.startswith("status.")}
     drops = {
@@ -424,8 +472,9 @@ def run_images(
     }
     return ImagesSummary(store=str(store_path), urls=len(urls), already_final=final, retries_exhausted=exhausted,
                          fetched=result.counts["images"], statuses=dict(sorted(statuses.items())),
-                         units_done=result.done, units_failed=result.failed + decided.failed,
-                         seconds=result.seconds + decided.seconds, failures={**result.failures, **decided.failures},
+                         units_done=result.done, units_failed=result.failed + decided.failed + len(count_failure),
+                         seconds=time.monotonic() - start,
+                         failures={**result.failures, **count_failure, **decided.failures},
                          filter_drops=dict(sorted(drops.items())))  # fmt: skip
 
 

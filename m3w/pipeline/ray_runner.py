@@ -87,6 +87,7 @@ def run_units(
     desc: str = "units",
     rate_key: str | None = None,
     num_cpus_per_task: float = 1.0,
+    num_gpus_per_task: float = 0.0,
     memory_per_task: int | None = None,
 ) -> RunSummary:
     """Run `fn` over the units not yet done in `manifest`, at most `workers` at a time, and record each result.
@@ -108,7 +109,7 @@ def run_units(
     remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
     init_ray(ray_address)
     workers = max(1, workers or int(ray.available_resources().get("CPU", 1)))
-    options: dict[str, Any] = {"num_cpus": num_cpus_per_task, "max_retries": 0}
+    options: dict[str, Any] = {"num_cpus": num_cpus_per_task, "num_gpus": num_gpus_per_task, "max_retries": 0}
     if memory_per_task:
         options["memory"] = memory_per_task
     remote = ray.remote(_call).options(**options)

@@ -68,22 +68,32 @@ IMAGE_INDEX_SCHEMA = pa.schema(
 
 
 # The image filter thresholds in force (an ImageFiltersConfig as JSON), written by each `m3w images` run; readers of
-# the store apply them to the index's scores.
+# the store apply them to the index's scores. With them, the key of the store's pHash duplicate counts
+# (schemas.image_duplicates) that the duplicate rule reads, or null.
 IMAGE_FILTERS_FILE = "_image_filters.json"
 
 
-def write_image_filters(root: str | Path, config: dict[str, Any]) -> None:
+def write_image_filters(root: str | Path, config: dict[str, Any], phash_counts: str | None = None) -> None:
     from m3w.pipeline.io import atomic_open
 
+    record = {"schema": SCHEMA_VERSION, "image_filters": config, "phash_counts": phash_counts}
     with atomic_open(Path(root) / IMAGE_FILTERS_FILE, "w") as f:
-        json.dump({"schema": SCHEMA_VERSION, "image_filters": config}, f, sort_keys=True, indent=1)
+        json.dump(record, f, sort_keys=True, indent=1)
+
+
+def _read_record(root: str | Path) -> dict[str, Any] | None:
+    path = Path(root) / IMAGE_FILTERS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_image_filters(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / IMAGE_FILTERS_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["image_filters"]
+    record = _read_record(root)
+    return None if record is None else record["image_filters"]
+
+
+def read_phash_counts(root: str | Path) -> str | None:
+    record = _read_record(root)
+    return None if record is None else record.get("phash_counts")
 
 
 def blob_relpath(resized_sha256: str) -> str:

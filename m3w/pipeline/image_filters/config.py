@@ -17,8 +17,9 @@ class PerceptualHashConfig:
     many (≥ 18 bits between any two webcorpus photos)."""
 
     enabled: bool = True
-    # Drop images whose pHash is used more than K times across the corpus (a corpus-wide rule of the partitioned
-    # dedup, keyed on the exact pHash; None: only count). OBELICS's K for identical image URLs is 10.
+    # Drop the images of a pHash that more than K stored images (distinct URLs) have: one picture re-hosted under
+    # many URLs. Counted across the whole store by a partitioned map/reduce (image_filters/duplicates.py), the
+    # counts kept in the store; None: only count. OBELICS's K for one image URL across documents is 10.
     max_duplicates: int | None = None
 
 

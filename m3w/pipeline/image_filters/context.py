@@ -7,10 +7,11 @@ follow images). Whitespace is collapsed and the text cut to `max_chars`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT
+from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT, iter_documents
 
 
 def _clean(text: str | None) -> str:
@@ -30,3 +31,16 @@ def image_contexts(nodes: Sequence[dict[str, Any]], max_chars: int) -> Iterator[
             nearest = min(texts, key=lambda t: (abs(t - i), t < i))  # ties: the text after the image
             own = _clean(nodes[nearest].get("text"))
         yield node["url"], own[:max_chars]
+
+
+def first_contexts(document_inputs: Iterable[str | Path], urls: set[str], max_chars: int) -> dict[str, str]:
+    """url → its context on the first page (in input order) that says something about it, for the `urls` given.
+    An image used on many pages is stored and scored once, so one page's text stands for all of them: the
+    first non-empty one, which makes the score deterministic for a given input."""
+    found: dict[str, str] = {}
+    for path in document_inputs:
+        for doc in iter_documents(path, columns=["nodes"]):
+            for url, text in image_contexts(doc["nodes"], max_chars):
+                if text and url in urls and url not in found:
+                    found[url] = text
+    return found

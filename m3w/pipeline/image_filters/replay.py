@@ -6,6 +6,10 @@ re-run with nothing changed counts only new files). It also records the threshol
 (`schemas.images.IMAGE_FILTERS_FILE`), which is what readers of the store (the shards stage) apply, so changing
 a threshold never re-fetches or re-scores an image: re-run `m3w images`, then the shards.
 
+With `phash.max_duplicates` set, the pHash duplicate counts of the whole store (`duplicates.py`) decide too; a
+run that adds images changes them, so every file is counted again, and the store records which counts are in
+force next to the thresholds.
+
 An index row with status ok is final (never fetched again), so it is never superseded by a later attempt: counting
 the ok rows of each index file counts each stored image once.
 """
@@ -21,6 +25,7 @@ import pyarrow.parquet as pq
 
 from m3w.config import from_dict, to_dict
 from m3w.pipeline.image_filters.config import ImageFiltersConfig
+from m3w.pipeline.image_filters.duplicates import duplicate_counts
 from m3w.pipeline.image_filters.steps import ImageFilters
 from m3w.pipeline.io import stable_hash
 from m3w.pipeline.manifest import Manifest
@@ -35,17 +40,29 @@ SCORE_COLUMNS = ["phash", "blur", "text_share", "clip_similarity", "clip_model",
 class DecideArgs:
     index_file: str
     config: ImageFiltersConfig
+    store: str
+    phash_counts: str | None  # the key of the store's pHash counts, when the duplicate rule is on
+
+
+def image_filters(config: ImageFiltersConfig, store: str | Path, phash_counts: str | None) -> ImageFilters:
+    """The steps of `config`, with the pHashes the duplicate rule drops from the store's counts `phash_counts`."""
+    limit = config.phash.max_duplicates
+    if phash_counts is None or limit is None or not config.phash.enabled:
+        return ImageFilters(config)
+    return ImageFilters(config, duplicate_counts(str(store), phash_counts, limit))
 
 
 def decide_unit(args: DecideArgs) -> tuple[str, dict[str, int]]:
     """Ray task: the funnel of one index file's stored images under the thresholds."""
     table = pq.read_table(args.index_file, columns=["status", *SCORE_COLUMNS])
     table = table.filter(pc.equal(table.column("status"), spec.STATUS_OK))
-    return Path(args.index_file).name, dict(ImageFilters(args.config).funnel(table.to_pylist()))
+    filters = image_filters(args.config, args.store, args.phash_counts)
+    return Path(args.index_file).name, dict(filters.funnel(table.to_pylist()))
 
 
-def thresholds_hash(config: ImageFiltersConfig) -> str:
-    return stable_hash(to_dict(config))
+def thresholds_hash(config: ImageFiltersConfig, phash_counts: str | None) -> str:
+    counts = phash_counts if config.phash.enabled and config.phash.max_duplicates is not None else None
+    return stable_hash(to_dict(config) if counts is None else {**to_dict(config), "phash_counts": counts})
 
 
 def run_image_filters(
@@ -54,16 +71,24 @@ def run_image_filters(
     index_files: list[Path],
     workers: int | None = None,
     ray_address: str | None = None,
+    phash_counts: str | None = None,
 ) -> RunSummary:
-    """Count each step's drops over `index_files` of the store and record the thresholds in force."""
-    manifest = Manifest(store_dir, STAGE, thresholds_hash(config))
-    units = [Unit(path.name, DecideArgs(str(path), config)) for path in index_files]
+    """Count each step's drops over `index_files` of the store and record the thresholds in force, and the key of
+    the pHash counts (`phash_counts`) the duplicate rule reads."""
+    manifest = Manifest(store_dir, STAGE, thresholds_hash(config, phash_counts))
+    units = [
+        Unit(path.name, DecideArgs(str(path), config, str(store_dir), phash_counts)) for path in index_files
+    ]
     summary = run_units(decide_unit, units, manifest, workers=workers, ray_address=ray_address, desc=STAGE)
-    spec.write_image_filters(store_dir, to_dict(config))
+    spec.write_image_filters(store_dir, to_dict(config), phash_counts)
     return summary
 
 
 def store_filters(store_dir: str | Path) -> ImageFilters | None:
     """The thresholds the store's last `m3w images` run recorded, or None (a store from before filters)."""
     recorded: dict[str, Any] | None = spec.read_image_filters(store_dir)
-    return None if recorded is None else ImageFilters(from_dict(ImageFiltersConfig, recorded))
+    if recorded is None:
+        return None
+    return image_filters(
+        from_dict(ImageFiltersConfig, recorded), store_dir, spec.read_phash_counts(store_dir)
+    )

@@ -7,8 +7,8 @@ index, and a threshold on that stored score keeps or drops the image with a reas
 
 Scores are computed once, when the image is stored; thresholds apply to the stored scores, so changing one only
 re-reads the index. An image stored before a step was enabled has no score for it: it is kept and counted as
-`unscored.<step>`. The pHash duplicate rule acts on documents (how many times an image is used across the
-corpus), so it is not a row verdict: the filter stage's dedup applies it.
+`unscored.<step>`. The pHash duplicate rule needs a corpus-wide count (`duplicates.py`): the pHashes it drops
+come with the ImageFilters, and the verdict is then a row verdict like the others.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from PIL import Image
@@ -30,14 +30,17 @@ STEP_BLUR = "image.blur"
 STEP_TEXT = "image.text_share"
 STEP_PHASH = "image.phash_duplicates"
 # The order a row meets the thresholds in (the funnel's order): the costliest signal of harm first.
-ROW_STEPS = (STEP_NSFW, STEP_CLIP, STEP_BLUR, STEP_TEXT)
+ROW_STEPS = (STEP_NSFW, STEP_CLIP, STEP_BLUR, STEP_TEXT, STEP_PHASH)
 
 
 class ImageFilters:
-    """The enabled steps of one `ImageFiltersConfig`. Thread-safe; the model steps load on first use."""
+    """The enabled steps of one `ImageFiltersConfig`. Thread-safe; the model steps load on first use.
+    `overused` (pHash → stored images with it) are the pHashes the duplicate rule drops: more than
+    `phash.max_duplicates` stored images have them (`duplicates.duplicate_counts`)."""
 
-    def __init__(self, config: ImageFiltersConfig) -> None:
+    def __init__(self, config: ImageFiltersConfig, overused: Mapping[int, int] | None = None) -> None:
         self.config = config
+        self.overused = overused or {}
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
@@ -116,7 +119,15 @@ class ImageFilters:
                 model = row.get(f"{column.split('_')[0]}_model")
                 by = f" ({model})" if model and step in (STEP_NSFW, STEP_CLIP) else ""
                 return step, f"{step}: {column} {value:.4g} {sign} {threshold}{by}"
+        used = self.overused.get(row.get("phash"))  # type: ignore[arg-type]
+        if used is not None and self._duplicates_rule:
+            return STEP_PHASH, (f"{STEP_PHASH}: pHash {row['phash'] & (2**64 - 1):016x} used by {used} stored images "
+                                f"> {self.config.phash.max_duplicates}")  # fmt: skip
         return None
+
+    @property
+    def _duplicates_rule(self) -> bool:
+        return self.config.phash.enabled and self.config.phash.max_duplicates is not None
 
     def funnel(self, rows: Iterable[dict[str, Any]]) -> Counter:
         """Counts for a manifest / `m3w stats`: `in.images` (stored images), `drop.<step>.images` (first
@@ -131,4 +142,6 @@ class ImageFilters:
                 continue
             counts["out.images"] += 1
             counts.update(f"unscored.{step}" for step, column, _, _ in checks if row.get(column) is None)
+            if self._duplicates_rule and row.get("phash") is None:
+                counts[f"unscored.{STEP_PHASH}"] += 1
         return counts
