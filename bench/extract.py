@@ -24,7 +24,11 @@ sys.path.insert(0, str(ROOT))
 from m3w.pipeline.extract import ExtractConfig, extract_unit, iter_warc_documents  # noqa: E402
 
 REPEATS = 3
-DEFAULT_WARC = ROOT.parent / "shared" / "webcorpus" / "warc" / "trafilatura_eval.warc.gz"
+DEFAULT_WARC = (
+    Path(os.environ.get("M3W_WEBCORPUS", ROOT.parent / "shared" / "webcorpus"))
+    / "warc"
+    / "trafilatura_eval.warc.gz"
+)
 
 
 def peak_rss_mb() -> float:

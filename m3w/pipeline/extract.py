@@ -2,8 +2,10 @@
 
 One Ray task per WARC. Each task streams the WARC's HTML responses, turns every page into a document
 (`m3w.pipeline.html_extract`), and writes row groups as it goes into a temp file renamed into place at the end, so
-memory stays flat whatever the WARC size and a killed job leaves no partial output. Every page that yields no
-document is counted under `skip.<reason>`.
+memory stays flat whatever the WARC size and a killed job leaves no partial output. Every response record that
+yields no document, and every damaged stretch of the WARC, is counted under `skip.<reason>` and logged with its
+offset and record id in `_skips/<unit>.parquet` (`m3w.schemas.skips`). A file that is not a WARC, or that ends
+inside a record, fails its unit with the reason (retried on the next run), never "done".
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import hashlib
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +29,15 @@ from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html, extrac
 from m3w.pipeline.io import atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import RunSummary, Unit, run_units
-from m3w.pipeline.warc import DEFAULT_CC_BASE_URL, iter_html_records, open_input, resolve_inputs, warc_size
+from m3w.pipeline.warc import (
+    DEFAULT_CC_BASE_URL,
+    HtmlRecord,
+    Skip,
+    WarcOptions,
+    iter_html_records,
+    open_input,
+    resolve_inputs,
+)
 
 STAGE = "extract"
 
@@ -35,6 +45,7 @@ STAGE = "extract"
 @dataclass
 class ExtractConfig:
     page: PageOptions = field(default_factory=PageOptions)
+    warc: WarcOptions = field(default_factory=WarcOptions)
     rows_per_group: int = 500  # documents buffered before a parquet row group is written (bounds memory)
 
 
@@ -49,32 +60,42 @@ def doc_id(warc_path: str, record_id: str) -> str:
     return hashlib.sha1(f"{warc_path}\n{record_id}".encode()).hexdigest()
 
 
-def iter_warc_documents(warc_path: str, config: ExtractConfig, counts: Counter) -> Iterator[dict[str, Any]]:
-    """Documents (DOCUMENT_SCHEMA rows) of one WARC, in record order; skips are counted into `counts`.
+def iter_warc_documents(
+    warc_path: str, config: ExtractConfig, counts: Counter, on_skip: Callable[[Skip], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Documents (DOCUMENT_SCHEMA rows) of one WARC, in record order. Every response record that yields none
+    (and every damaged stretch of the file) is counted into `counts` as `skip.<reason>` and passed to `on_skip`.
 
-    Raises only if the WARC cannot be opened at all (the unit then fails and is retried on the next run).
+    Raises if the WARC cannot be opened, is not a WARC, or ends inside a record (the unit then fails and is
+    retried on the next run).
     """
     options = config.page
-    size = warc_size(warc_path)
+
+    def skipped(skip: Skip) -> None:
+        counts[f"skip.{skip.reason}"] += 1
+        if on_skip is not None:
+            on_skip(skip)
+
+    def page_skip(record: HtmlRecord, reason: str, detail: str) -> Skip:
+        return Skip(reason, record.offset, record.length, record.record_id, "response", record.url, detail)
+
     with open_input(warc_path) as stream:
-        for record in iter_html_records(stream, counts, options.max_html_bytes):
-            if record.length is None and size is not None:
-                record.length = size - record.offset
-            if record.body_truncated:
-                counts["skip.too_large"] += 1
+        for record in iter_html_records(stream, counts, options.max_html_bytes, config.warc):
+            if isinstance(record, Skip):
+                skipped(record)
                 continue
             try:
                 html, charset = decode_html(record.body, record.charset, options.max_replacement_ratio)
                 page = extract_page(html, record.url, options)
             except PageSkip as skip:
-                counts[f"skip.{skip.reason}"] += 1
+                skipped(page_skip(record, skip.reason, str(skip)))
                 continue
-            except Exception:  # noqa: BLE001 - one unparseable page must not cost the other pages of the WARC
-                counts["skip.extract_error"] += 1
+            except Exception as exc:  # noqa: BLE001 - one unparseable page must not cost the other pages of the WARC
+                skipped(page_skip(record, "extract_error", f"{type(exc).__name__}: {exc}"))
                 continue
             counts.update({f"image_drop.{k}": v for k, v in page.image_drops.items()})
             if not page.nodes:
-                counts["skip.empty"] += 1
+                skipped(page_skip(record, "empty", "no text or media in the page's content"))
                 continue
             kinds = Counter(n["kind"] for n in page.nodes)
             counts["documents"] += 1
@@ -101,16 +122,24 @@ def iter_warc_documents(warc_path: str, config: ExtractConfig, counts: Counter) 
 
 
 def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, int]]:
-    """Ray task: one WARC → `<out_dir>/<unit>.parquet`, written atomically. Returns (relpath, counts)."""
+    """Ray task: one WARC → `<out_dir>/<unit>.parquet` and its skip log `<out_dir>/_skips/<unit>.parquet`, both
+    written atomically. Returns (relpath, counts)."""
     from m3w.schemas.documents import DocumentWriter
+    from m3w.schemas.skips import SkipLogWriter, skip_log_path
 
     warc_path, out_dir, config_dict = args
     config = from_dict(ExtractConfig, config_dict)
-    relpath = f"{unit_id(warc_path)}.parquet"
+    unit = unit_id(warc_path)
+    relpath = f"{unit}.parquet"
     counts: Counter = Counter()
-    with atomic_path(Path(out_dir) / relpath) as tmp, DocumentWriter(tmp, config.rows_per_group) as writer:
-        for row in iter_warc_documents(warc_path, config, counts):
-            writer.write(row)
+    with atomic_path(skip_log_path(out_dir, unit)) as skips_tmp, atomic_path(Path(out_dir) / relpath) as tmp:
+        with SkipLogWriter(skips_tmp) as skips, DocumentWriter(tmp, config.rows_per_group) as writer:
+
+            def log(skip: Skip) -> None:
+                skips.add({"warc_path": warc_path, **asdict(skip)})
+
+            for row in iter_warc_documents(warc_path, config, counts, log):
+                writer.write(row)
     return relpath, dict(counts)
 
 

@@ -85,6 +85,7 @@ _CHARSET_ALIASES = {
 }
 _SINGLE_BYTE_LATIN = {"cp1252", "cp1254", "iso8859-15", "iso-8859-15"}
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_.:-]+)""", re.I)
+_MARKUP = re.compile(rb"<[A-Za-z!/?]")
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
@@ -135,6 +136,9 @@ def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0
     text = _try_decode(body, "utf-8", max_bad)
     if text is not None:
         return text, "utf-8"
+    if not _MARKUP.search(body, 0, 4096):
+        # Detection names a codec for any bytes (16 random ones "are" UTF-16 or cp1006): trust it on markup only.
+        raise PageSkip("undecodable", "no declared charset decodes it, and it holds no markup")
     from charset_normalizer import from_bytes
 
     best = from_bytes(body[:200_000]).best()

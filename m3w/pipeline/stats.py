@@ -111,6 +111,35 @@ def format_funnel(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_skips(dirs: list[str | Path], reason: str | None = None, limit: int = 50) -> str:
+    """The extract stage's per-record skip logs (`m3w.schemas.skips`) of done units: a count per reason, then
+    the first `limit` records (of `reason` only, when given) with their WARC, offset, record id and detail."""
+    from collections import Counter
+
+    from m3w.schemas.skips import iter_skips, skip_log_files
+
+    lines = []
+    for directory in map(Path, dirs):
+        units = Manifest(directory, "extract").done_units()
+        files = skip_log_files(directory, units)
+        by_reason: Counter = Counter()
+        shown = []
+        for row in iter_skips(files):
+            by_reason[row["reason"]] += 1
+            if (reason is None or row["reason"] == reason) and len(shown) < limit:
+                shown.append(row)
+        lines.append(f"{directory}: {sum(by_reason.values()):,} skipped records in {len(files)} of {len(units)} "
+                     f"done extract units")  # fmt: skip
+        lines += [f"  {name:<28} {n:>12,}" for name, n in by_reason.most_common()]
+        for row in shown:
+            where = f"{row['warc_path'].rsplit('/', 1)[-1]}@{row['offset']}" + (
+                f"+{row['length']}" if row["length"] is not None else ""
+            )
+            record = row["record_id"] or f"({row['record_type'] or 'damage'})"
+            lines.append(f"  {row['reason']:<22} {where} {record} {row['url'] or ''}\n      {row['detail']}")
+    return "\n".join(lines)
+
+
 def plot_funnel(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """One horizontal bar chart per measure: what remains after each step."""
     import matplotlib
@@ -151,8 +180,25 @@ def plot_funnel(rows: list[dict[str, Any]], path: str | Path) -> Path:
     "--png", "png_path", type=click.Path(dir_okay=False), help="Chart path (default: LAST_DIR/_funnel.png)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the funnel rows as JSON instead of a table.")
-def stats_cmd(dirs: tuple[str, ...], png_path: str | None, as_json: bool) -> None:
+@click.option(
+    "--skips", "list_skips", is_flag=True, help="List extract's skipped records (per-record skip logs)."
+)
+@click.option("--reason", default=None, help="With --skips: only records skipped for this reason.")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="With --skips: records listed per dir."
+)
+def stats_cmd(
+    dirs: tuple[str, ...],
+    png_path: str | None,
+    as_json: bool,
+    list_skips: bool,
+    reason: str | None,
+    limit: int,
+) -> None:
     """Funnel table (input → each filter → output) and a PNG bar chart from the manifests in DIRS."""
+    if list_skips:
+        click.echo(format_skips(list(dirs), reason, limit))
+        return
     try:
         rows = funnel(list(dirs))
     except FileNotFoundError as exc:
