@@ -152,23 +152,41 @@ def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0
 
 # ---------------------------------------------------------------------------------------------- URLs
 
-_SRCSET_SPLIT = re.compile(r",\s+|(?<=\d[wx]),")
+_SRCSET_URL = re.compile(r"[\s,]*(\S+)")
+_SRCSET_DESCRIPTORS = re.compile(r"[^,(]*(?:\([^)]*\)?[^,(]*)*,?")
+_SRCSET_DESCRIPTOR = re.compile(r"(\d*\.?\d+(?:[eE][-+]?\d+)?)([wxh])")
 
 
 def parse_srcset(srcset: str) -> list[tuple[str, float, str]]:
-    """`srcset` → [(url, value, "w" | "x")]; a candidate without a descriptor is 1x."""
-    out = []
-    for part in _SRCSET_SPLIT.split(srcset.strip()):
-        bits = part.strip().split()
-        if not bits:
-            continue
-        url, value, unit = bits[0].rstrip(","), 1.0, "x"
-        if len(bits) > 1 and bits[1][-1:] in ("w", "x"):
-            try:
-                value, unit = float(bits[1][:-1]), bits[1][-1]
-            except ValueError:
-                pass
-        out.append((url, value, unit))
+    """`srcset` → [(url, value, "w" | "x")] by the HTML standard's "parse a srcset attribute": a URL runs to the
+    next whitespace, so commas inside it (image CDNs: `/t_fit-760w,f_auto,q_auto/a.jpg 760w`) stay in it, and
+    only commas that end it separate candidates. No descriptor means 1x; a candidate with an invalid or repeated
+    descriptor is dropped, as browsers drop it."""
+    out: list[tuple[str, float, str]] = []
+    pos, end = 0, len(srcset)
+    while pos < end:
+        match = _SRCSET_URL.match(srcset, pos)
+        if match is None:
+            break
+        url, pos = match.group(1), match.end()
+        descriptors: list[str] = []
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            region = _SRCSET_DESCRIPTORS.match(srcset, pos)
+            pos = region.end()
+            descriptors = region.group(0).rstrip(",").split()
+        value, unit, kinds = 1.0, "x", ""
+        for descriptor in descriptors:
+            parsed = _SRCSET_DESCRIPTOR.fullmatch(descriptor)
+            if parsed is None or parsed.group(2) in kinds:
+                kinds = "!"
+                break
+            kinds += parsed.group(2)
+            if parsed.group(2) != "h":
+                value, unit = float(parsed.group(1)), parsed.group(2)
+        if url and "!" not in kinds and not ("w" in kinds and "x" in kinds) and value > 0:
+            out.append((url, value, unit))
     return out
 
 
@@ -217,9 +235,9 @@ BLOCK_OF_TAG = {
     ),
 }  # fmt: skip
 SKIP_TAGS = frozenset(
-    "script style noscript template svg math iframe frame frameset object embed canvas input select textarea "
-    "button option optgroup datalist head title meta link area map audio track dialog param".split()
-)
+    "script style template svg math iframe frame frameset object embed canvas input select textarea "
+    "button option optgroup datalist head title meta link area map audio track dialog param rt rp".split()
+)  # rt/rp: ruby readings, printed above the text they annotate, not inline with it
 BOILERPLATE_TAGS = frozenset(("nav", "aside", "footer", "menu"))
 _TAGS_WITH_MEANING = BOILERPLATE_TAGS | {"header", "article", "main"}
 BOILERPLATE_ROLES = frozenset(
@@ -255,8 +273,18 @@ _ICON_IMAGE = re.compile(
     re.I,
 )
 _JUNK_CLASS = re.compile(r"logo|icon|avatar|emoji|sprite|badge|gravatar|author-?(img|image|photo)", re.I)
-_LAZY_ATTRS = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-hi-res-src")
-_LAZY_SRCSETS = ("data-srcset", "data-lazy-srcset", "srcset")
+_JUNK_FRAME = re.compile(
+    r"byline|author|avatar|profile|logo|icon|emoji|badge", re.I
+)  # an image's near ancestors
+# Where lazy loaders keep the real image while `src` holds a placeholder; the larger variants first.
+_LAZY_ATTRS = (
+    "data-hi-res-src", "data-src-large", "data-large-file", "data-lazy-src", "data-src", "data-original",
+    "data-old-src", "data-lazy", "data-lazy-original", "data-url", "data-orig-file",
+)  # fmt: skip
+_LAZY_SRCSETS = ("data-srcset", "data-lazy-srcset")
+_IMAGE_FILE = re.compile(r"\.(jpe?g|png|webp|gif|avif)$", re.I)
+_SIZED_FILE = re.compile(r"[-_](\d{2,4})x(\d{2,4})\.\w+$")  # WordPress & co: photo-150x150.jpg
+THUMBNAIL_SIDE = 300  # below this an image linked to a larger version of itself is that version's thumbnail
 _LINE_BREAK = "\u2028"
 
 
@@ -342,6 +370,9 @@ class _Walker:
         self.block_level = 0
         self.block_dom = 0
         self.total_chars = 0
+        self._last_image: tuple[_Block, set[int]] | None = (
+            None  # its block; its <img>, parent, grandparent ids
+        )
 
     # -- elements
     def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
@@ -398,26 +429,60 @@ class _Walker:
 
     # -- media
     def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
+        media = self._image_media(node, attrs)
+        if media is not None:
+            block = _Block("image", owner, self.dom_index, linked=linked, media=media)
+            self.page.blocks.append(block)
+            anchors, ancestor = {node.mem_id}, node.parent
+            for _ in range(2):
+                if ancestor is None:
+                    break
+                anchors.add(ancestor.mem_id)
+                ancestor = ancestor.parent
+            self._last_image = (block, anchors)
+
+    def _image_media(self, node: LexborNode, attrs: dict[str, str | None]) -> dict[str, Any] | None:
+        """The image an <img> stands for, or None (counted in image_drops) for data: URIs, tracking pixels, icons.
+
+        The source is the largest candidate: `<picture><source>` and srcset by width, then lazy loaders' attributes
+        (data-src, data-lazy-src, data-old-src, ...; a lazy image's own src and srcset are its placeholder),
+        then src. A thumbnail linked to an image file stands for that image (galleries, lightboxes)."""
+        drops = self.page.image_drops
         candidates: list[tuple[str, float, str]] = []
         parent = node.parent
         if parent is not None and parent.tag == "picture":
             for source in parent.iter():
                 if source.tag == "source":
                     sattrs = source.attributes
-                    candidates += parse_srcset(sattrs.get("srcset") or sattrs.get("data-srcset") or "")
+                    for name in ("data-srcset", "data-lazy-srcset", "srcset"):
+                        if sattrs.get(name):
+                            candidates += parse_srcset(sattrs[name] or "")
+                            break
+        lazy = False
         for name in _LAZY_SRCSETS:
             if attrs.get(name):
-                candidates += parse_srcset(attrs[name])
-        raw = largest_candidate([c for c in candidates if not c[0].startswith("data:")])
-        if raw is None:
-            raw = next((attrs[a] for a in _LAZY_ATTRS if attrs.get(a)), None) or attrs.get("src")
-        if raw and raw.strip().startswith("data:"):
-            self.page.image_drops["data_uri"] += 1
-            return
+                candidates += parse_srcset(attrs[name] or "")
+                lazy = True
+        lazy_src = next((v for a in _LAZY_ATTRS if (v := attrs.get(a)) and not v.startswith("data:")), None)
+        if not lazy and lazy_src is None and attrs.get("srcset"):
+            candidates += parse_srcset(attrs["srcset"] or "")
+        candidates = [c for c in candidates if not c[0].startswith("data:")]
+        widths = [c for c in candidates if c[2] == "w"]
+        chosen_width = None
+        if widths:
+            raw, best = max(widths, key=lambda c: c[1])[:2]
+            chosen_width = int(best)
+        elif lazy_src is not None:
+            raw = lazy_src
+        else:
+            raw = largest_candidate(candidates) or attrs.get("src")
+        if raw and raw.lstrip().startswith("data:"):
+            drops["data_uri"] += 1
+            return None
         url = resolve_url(self.base_url, raw)
         if url is None:
-            self.page.image_drops["no_url"] += 1
-            return
+            drops["no_url"] += 1
+            return None
         width, height = _int_size(attrs.get("width")), _int_size(attrs.get("height"))
         style = attrs.get("style")
         if style:
@@ -428,28 +493,95 @@ class _Walker:
                     height = int(value)
         side = self.options.min_image_side
         if (width is not None and width < side) or (height is not None and height < side):
-            self.page.image_drops["icon" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
-            return
+            drops["icon" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
+            return None
         if _TRACKING_IMAGE.search(url):
-            self.page.image_drops["tracking"] += 1
-            return
+            drops["tracking"] += 1
+            return None
         path = url.split("?", 1)[0].split("#", 1)[0].lower()
         if (
             _ICON_IMAGE.search(path)
             or path.endswith((".svg", ".ico"))
             or _JUNK_CLASS.search(attrs.get("class") or "")
         ):
-            self.page.image_drops["icon"] += 1
-            return
-        self.page.blocks.append(
-            _Block(
-                "image", owner, self.dom_index, linked=linked,
-                media={
-                    "url": url, "alt": _clean(attrs.get("alt")), "title": _clean(attrs.get("title")),
-                    "figcaption": _figcaption(node), "width": width, "height": height,
-                },
-            )
-        )  # fmt: skip
+            drops["icon"] += 1
+            return None
+        frame = node.parent
+        for _ in range(2):
+            if frame is None:
+                break
+            frame_attrs = frame.attributes
+            if _JUNK_FRAME.search(f"{frame_attrs.get('class') or ''} {frame_attrs.get('id') or ''}"):
+                drops["icon"] += 1  # a byline photo, an author box, a logo wrapper
+                return None
+            frame = frame.parent
+        larger = self._linked_original(node, path, width, height, chosen_width)
+        if larger is not None:
+            url, width, height = larger, None, None
+        elif chosen_width is not None and chosen_width != width:
+            # Report the chosen candidate's size: the declared one is the size it is shown at.
+            height = round(height * chosen_width / width) if width and height else None
+            width = chosen_width
+        return {
+            "url": url, "alt": _clean(attrs.get("alt")), "title": _clean(attrs.get("title")),
+            "figcaption": _figcaption(node), "width": width, "height": height,
+        }  # fmt: skip
+
+    def _linked_original(
+        self, node: LexborNode, path: str, width: int | None, height: int | None, chosen_width: int | None
+    ) -> str | None:
+        """The image file a thumbnail links to (`<a href="photo.jpg"><img src="photo-150x150.jpg"></a>`), when the
+        <img> is a thumbnail: shown, or named, under THUMBNAIL_SIDE pixels."""
+        link = node.parent
+        if link is not None and link.tag == "picture":
+            link = link.parent
+        if link is None or link.tag != "a":
+            return None
+        href = link.attributes.get("href") or ""
+        if not _IMAGE_FILE.search(href.split("?", 1)[0].split("#", 1)[0]):
+            return None
+        named = _SIZED_FILE.search(path)
+        sides = [v for v in (width, height, chosen_width) if v] or (
+            [int(named[1]), int(named[2])] if named else []
+        )
+        if not sides or max(sides) >= THUMBNAIL_SIDE:
+            return None
+        target = resolve_url(self.base_url, href)
+        return target if target is not None and target.split("?", 1)[0].lower() != path else None
+
+    def _noscript(self, node: LexborNode, owner: int, linked: bool) -> bool:
+        """A <noscript>: what a browser without scripts shows. A page built inside one (sites that draw
+        everything with scripts) is walked like any element: returns True. Otherwise only its images count: the
+        real image behind the lazy placeholder just before it, or an image scripts would have inserted."""
+        if _visible_len(node.text(deep=True)) >= max(500, 0.25 * self.total_chars):
+            return True
+        for img in node.css("img"):
+            media = self._image_media(img, img.attributes)
+            if media is None:
+                continue
+            previous = node.prev
+            while previous is not None and previous.tag == "-text":
+                previous = previous.prev
+            last = self._last_image
+            parent = node.parent
+            if (
+                last is not None
+                and self.page.blocks[-1] is last[0]  # no text between the placeholder and its <noscript>
+                and not self.pieces
+                and (
+                    (previous is not None and previous.mem_id in last[1])
+                    or (parent is not None and parent.mem_id in last[1])
+                )
+            ):
+                # What a browser without scripts shows is the real image; the placeholder keeps its alt and caption
+                # when the fallback has none.
+                placeholder = last[0].media
+                for key, value in media.items():
+                    if value is not None or key in ("url", "width", "height"):
+                        placeholder[key] = value
+            else:
+                self._image(img, img.attributes, owner, linked)
+        return False
 
     def _video(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
         raw = attrs.get("src") or attrs.get("data-src")
@@ -525,16 +657,19 @@ class _Walker:
                 pieces.append(_LINE_BREAK)
                 node = node.next
                 continue
-            if tag in ("img", "video"):
+            if tag in ("img", "video", "noscript"):
                 if pieces:
                     flush()
                 owner = stack[-1][1] if stack else root_idx
                 if tag == "img":
                     self._image(node, attrs, owner, in_link > 0)
-                else:
+                elif tag == "video":
                     self._video(node, attrs, owner)
-                node = node.next
-                continue
+                elif self._noscript(node, owner, in_link > 0):
+                    tag = "div"  # walked as a plain container
+                if tag != "div":
+                    node = node.next
+                    continue
             if attrs or tag in _TAGS_WITH_MEANING:
                 furniture, hint = is_furniture(node, tag, attrs)
                 if furniture:
@@ -721,19 +856,32 @@ def _trim_edges(blocks: list[_Block], keep: list[bool], parent: list[int]) -> No
             keep[i] = False
 
 
-def _image_key(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.path.rstrip("/").lower()
+_SIZE_TOKENS = re.compile(
+    r"([-_.@](\d{2,4}x\d{0,4}|\d{0,4}x\d{2,4}|s\d{2,4}(-c\d+)?|\d+x|scaled|thumb(nail)?|small|medium|large))+$"
+)
+_GENERIC_NAMES = frozenset(
+    "image img photo picture undefined original default master large full index".split()
+)
+
+
+def image_identity(url: str) -> str:
+    """What makes two URLs the same picture at different sizes: the file name without extension and size
+    tokens (`photo-1024x683.jpg`, `photo-s1800-c85.webp`, `/w_1600,c_limit/photo.jpg`); the whole path when the
+    name says nothing (`/photos/61979e49/1:1/pass/undefined`)."""
+    path = urlsplit(url).path.rstrip("/").lower()
+    name = path.rsplit("/", 1)[-1]
+    stem = _SIZE_TOKENS.sub("", name.rsplit(".", 1)[0] if "." in name else name)
+    return path if len(stem) < 6 or stem in _GENERIC_NAMES else stem
 
 
 def _keep_lead_image(blocks: list[_Block], keep: list[bool], og_image: str | None) -> None:
     """The page's declared lead image (og:image) is content wherever it sits, e.g. in a hero above the article
-    container. Matched on the URL path, since pages often add resize query strings."""
+    container. Matched by `image_identity`: og:image is often another size of the same picture."""
     if not og_image:
         return
-    key = _image_key(og_image)
+    key = image_identity(og_image)
     for i, b in enumerate(blocks):
-        if b.kind == "image" and _image_key(b.media["url"]) == key:
+        if b.kind == "image" and image_identity(b.media["url"]) == key:
             keep[i] = True
             return
 
@@ -801,8 +949,9 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
     """Parse one decoded page into ordered nodes (the document's `nodes` column) and page metadata."""
     options = options or PageOptions()
     tree = LexborHTMLParser(html)
-    # Removed up front (in C) so the text measures used to judge furniture see only visible text.
-    tree.strip_tags(["script", "style", "noscript", "template", "svg"])
+    # Removed up front (in C) so the text measures used to judge furniture see only visible text. <noscript> stays:
+    # it holds the real images of lazy loaders, and sometimes a whole page.
+    tree.strip_tags(["script", "style", "template", "svg"])
     base, title, lang, og_image = _head_info(tree, page_url)
     body = tree.body or tree.root
     if body is None:
@@ -810,7 +959,14 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
     page = _Walker(base, options).walk(body)
     blocks = _select_main(page, options, og_image)
     nodes = []
+    seen_images: set[str] = set()
     for b in blocks:
+        if b.kind == "image":
+            identity = image_identity(b.media["url"])
+            if identity in seen_images:  # the same picture again (responsive variants, a lightbox copy)
+                page.image_drops["duplicate"] += 1
+                continue
+            seen_images.add(identity)
         node: dict[str, Any] = {"kind": b.kind, "node_index": len(nodes), "dom_index": b.dom_index}
         if b.kind == "text":
             node.update(text=b.text, block=b.block)
@@ -818,7 +974,7 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
             node.update(b.media)
         nodes.append(node)
     walked = sum(b.kind == "image" for b in page.blocks)
-    kept = sum(n["kind"] == "image" for n in nodes)
+    kept = sum(b.kind == "image" for b in blocks)
     if walked > kept:
         page.image_drops["outside_content"] += walked - kept
     return ExtractedPage(title=title, lang=lang, og_image=og_image, nodes=nodes, image_drops=page.image_drops)
