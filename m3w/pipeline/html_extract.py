@@ -258,6 +258,7 @@ _BOILERPLATE_SUBSTRINGS = re.compile(
 _CONTENT_TOKENS = frozenset(
     "article articlebody content main post entry story hentry postbody storybody".split()
 )
+_PLAIN_CLASS = re.compile(r"[\w -]+$")
 _TOKEN_SPLIT = re.compile(r"[\s_\-:./]+|(?<=[a-z])(?=[A-Z])")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 _STYLE_SIZE = re.compile(r"(width|height)\s*:\s*(\d+)px", re.I)
@@ -370,21 +371,21 @@ class _Walker:
         self.block_level = 0
         self.block_dom = 0
         self.total_chars = 0
-        self._last_image: tuple[_Block, set[int]] | None = (
-            None  # its block; its <img>, parent, grandparent ids
-        )
+        # The last image's block, and the ids of its <img>, parent and grandparent (to pair a <noscript> with it).
+        self._last_image: tuple[_Block, set[int]] | None = None
+        self._root: LexborNode | None = None
+        self._class_mass: dict[str, bool] = {}  # class → whether elements of that class are half the page
 
     # -- elements
     def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
         """(drop this subtree, content hint) of an element with attributes or a telling tag. Furniture (by tag,
         role, class or id; a <header> without the h1) is dropped unless it holds most of the page's text (a
-        "has-sidebar" wrapper around the article)."""
+        "has-sidebar" wrapper around the article), holds the article itself (an <article>, <main>, articleBody
+        or the h1 in a fifth of the page's text), or is one of many like it that together are the page (the
+        posts of a forum thread, each classed "comment")."""
+        cls = attrs.get("class") or ""
         boiler, header_like, hint = _classify(
-            tag,
-            attrs.get("class") or "",
-            attrs.get("id") or "",
-            attrs.get("role") or "",
-            attrs.get("itemprop") or "",
+            tag, cls, attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
         )
         if not self.options.main_content or hint == 2 or not (boiler or header_like):
             return False, hint
@@ -392,13 +393,29 @@ class _Walker:
             return False, hint
         # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
         chars = _visible_len(node.text(deep=True))
-        if chars >= 0.5 * self.total_chars:
+        total = self.total_chars
+        if chars >= 0.5 * total:
             return False, hint
-        if chars >= 0.2 * self.total_chars:
+        if chars >= 0.2 * total:
+            if node.css_first("article, main, [itemprop=articleBody], h1") is not None:
+                return False, hint
             # A big region with few links is prose mislabelled by its class name, not navigation.
             links = sum(_visible_len(a.text(deep=True)) for a in node.css("a"))
             return links > 0.1 * chars, hint
+        if cls and chars >= 50 and tag not in BOILERPLATE_TAGS:
+            return not self._is_page_of_many(cls), hint
         return True, hint
+
+    def _is_page_of_many(self, cls: str) -> bool:
+        """Whether the elements sharing this exact class hold half the page's text (cached per class)."""
+        known = self._class_mass.get(cls)
+        if known is None:
+            known = False
+            if _PLAIN_CLASS.match(cls) and self._root is not None:  # a CSS string lexbor parses as written
+                mass = sum(_visible_len(n.text(deep=True)) for n in self._root.css(f'[class="{cls}"]'))
+                known = mass >= 0.5 * self.total_chars
+            self._class_mass[cls] = known
+        return known
 
     @staticmethod
     def _hidden(attrs: dict[str, str | None]) -> bool:
@@ -602,6 +619,7 @@ class _Walker:
     def walk(self, root: LexborNode) -> _Page:
         max_depth = self.options.max_depth
         self.total_chars = _visible_len(root.text(deep=True))
+        self._root = root
         page = self.page
         page.tag.append(root.tag or "body")
         page.parent.append(-1)
@@ -771,8 +789,9 @@ def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> lis
         if balance[e] > 0 and page.content_hint[e] == 2:
             balance[e] *= 1.5  # <article>, <main>, itemprop=articleBody: the page says where its content is
     top = max(range(n), key=lambda e: (balance[e], page.content_hint[e]))
-    if balance[top] <= 0:
-        top = 0  # no prose (a gallery, a short page): everything that is not furniture
+    if balance[top] < FALLBACK_PROSE * text_len[0]:
+        # Little or no prose anywhere (a listing, a gallery, a results table): everything that is not furniture.
+        top = 0
     selected = _widen_to_headline(page, top, text_len, has_h1)
 
     inside = [False] * n
@@ -788,7 +807,7 @@ def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> lis
                 keep[i] = False
         elif b.kind != "text" and density(b.owner) > 0.6 and text_len[b.owner] > 0:
             keep[i] = False  # teaser thumbnails whose captions are links
-    _trim_edges(page.blocks, keep, parent)
+    _trim_edges(page, keep)
     _drop_orphan_headings(page.blocks, keep)
     _keep_lead_image(page.blocks, keep, og_image)
     return [b for b, k in zip(page.blocks, keep, strict=True) if k]
@@ -801,6 +820,7 @@ _CREDIT = re.compile(
     re.I,
 )
 PROSE_CHARS = 80
+FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
 
 
 def _is_meta_line(text: str) -> bool:
@@ -810,13 +830,15 @@ def _is_meta_line(text: str) -> bool:
     )
 
 
-def _trim_edges(blocks: list[_Block], keep: list[bool], parent: list[int]) -> None:
+def _trim_edges(page: _Page, keep: list[bool]) -> None:
     """Short text before the first and after the last prose paragraph of the article body is its frame
     (bylines, dates, "share this", author boxes, newsletter prompts), not its text; so are trailing subheadings
     and linked thumbnails ("Read next"). Everything between the first and last body paragraph stays.
 
     The article body is the container holding the most prose; short lines after it in other containers
-    (author boxes, donation and newsletter prompts between the body and the last prose) go too."""
+    (author boxes, donation and newsletter prompts between the body and the last prose) go too. A plain <p>
+    among the body's own paragraphs stays whatever its length: an opening question, a closing greeting."""
+    blocks, parent = page.blocks, page.parent
     prose = [
         i for i, b in enumerate(blocks)
         if keep[i] and b.kind == "text" and not b.level and len(b.text) >= PROSE_CHARS
@@ -847,6 +869,13 @@ def _trim_edges(blocks: list[_Block], keep: list[bool], parent: list[int]) -> No
         ):
             # Lists and tables at the edges are content (ingredients, fact boxes); so is a kept image's caption.
             keep[i] = b.block == "table_cell" or not _is_meta_line(b.text)
+            continue
+        if (
+            parent[b.owner] == body
+            and page.tag[b.owner] == "p"
+            and not b.link_chars
+            and not _is_meta_line(b.text)
+        ):
             continue
         if i > last and len(b.text) < 2 * PROSE_CHARS:
             keep[i] = False
