@@ -789,8 +789,10 @@ def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> lis
         if balance[e] > 0 and page.content_hint[e] == 2:
             balance[e] *= 1.5  # <article>, <main>, itemprop=articleBody: the page says where its content is
     top = max(range(n), key=lambda e: (balance[e], page.content_hint[e]))
-    if balance[top] < FALLBACK_PROSE * text_len[0]:
-        # Little or no prose anywhere (a listing, a gallery, a results table): everything that is not furniture.
+    listing = balance[top] < FALLBACK_PROSE * text_len[0]
+    if listing:
+        # Little or no prose anywhere (a listing, a gallery, a results table): everything that is not furniture,
+        # teasers included (their summaries are the page's text; short links still go as navigation).
         top = 0
     selected = _widen_to_headline(page, top, text_len, has_h1)
 
@@ -803,11 +805,14 @@ def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> lis
             continue
         if b.kind == "text" and not b.level:
             # Link lists inside the content ("Read more", tag clouds, related stories) are furniture too.
+            if listing and len(b.text) >= LISTING_TEASER_CHARS:
+                continue
             if b.link_chars > 0.6 * len(b.text) or (density(b.owner) > 0.6 and text_len[b.owner] < 1000):
                 keep[i] = False
         elif b.kind != "text" and density(b.owner) > 0.6 and text_len[b.owner] > 0:
             keep[i] = False  # teaser thumbnails whose captions are links
     _trim_edges(page, keep)
+    _drop_announced_sections(page, keep)
     _drop_orphan_headings(page.blocks, keep)
     _keep_lead_image(page.blocks, keep, og_image)
     return [b for b, k in zip(page.blocks, keep, strict=True) if k]
@@ -821,6 +826,8 @@ _CREDIT = re.compile(
 )
 PROSE_CHARS = 80
 FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
+AFTER_REGION_SHARE = 0.15  # see _drop_trailing_regions
+LISTING_TEASER_CHARS = 60  # on a listing page, linked text this long is a teaser summary, not navigation
 
 
 def _is_meta_line(text: str) -> bool:
@@ -882,6 +889,102 @@ def _trim_edges(page: _Page, keep: list[bool]) -> None:
         elif i > last_in_body and len(b.text) < 0.75 * PROSE_CHARS and not in_body(b.owner):
             keep[i] = False
         elif (i < first and len(b.text) < PROSE_CHARS) or _is_meta_line(b.text):
+            keep[i] = False
+    _drop_trailing_regions(page, keep, body, prose, last_in_body, in_body)
+
+
+# Titles of what pages append to an article, in the languages of the crawl's largest shares. Matched against a
+# whole heading or short line (trailing colon and punctuation ignored): they announce sections, not content.
+_SECTION_TITLES = re.compile(
+    r"(related( articles| stories| posts| content| topics)?|read (more|next|also)|see also|more (on|about) (this|the)"
+    r"( topic| story)?|you (may|might) also like|recommended( for you| articles| stories)?|about the author|"
+    r"advertisement|sponsored( content)?|subscribe( now)?( to our newsletter)?|newsletter|tags|share( this)?( article| "
+    r"post)?|leave a (reply|comment)|comments?|"
+    r"mehr zu(m thema| diesem thema)?|weitere (informationen|artikel|beiträge|themen|nachrichten|news)|zum weiterlesen|"
+    r"lesen sie (auch|mehr|dazu)( die folgenden beiträge)?|auch interessant|das könnte sie (auch )?interessieren|"
+    r"über (den autor|die autorin)|kontakt|anzeige|werbung|neueste artikel|ähnliche (artikel|beiträge)|"
+    r"verwandte (artikel|themen)|empfehlungen|schlagworte|kommentare|teilen|"
+    r"(à )?lire aussi|sur le même sujet|articles similaires|en savoir plus|à propos de l'auteur|publicité|"
+    r"(también )?te puede interesar|noticias relacionadas|lee también|más información|publicidad|sobre el autor|"
+    r"leggi anche|articoli correlati|potrebbe interessarti|pubblicità|"
+    r"zobacz (też|także)|czytaj (też|także|więcej)|polecane|reklama|"
+    r"lees ook|meer over dit onderwerp|gerelateerde artikelen|leia (também|mais)|veja também|notícias relacionadas|"
+    r"publicidade)",
+    re.I,
+)
+SECTION_TITLE_CHARS = 45
+_AD_LABELS = re.compile(
+    r"advertisement|sponsored( content)?|anzeige|werbung|publicité|publicidad|pubblicità|reklama|publicidade",
+    re.I,
+)
+
+
+def _is_section_title(text: str) -> bool:
+    return len(text) <= SECTION_TITLE_CHARS and bool(_SECTION_TITLES.fullmatch(text.strip(" :.!?…-–|»«\"'")))
+
+
+def _drop_announced_sections(page: _Page, keep: list[bool]) -> None:
+    """A heading or short line that names an appended section ("Related articles", "Mehr zum Thema", "Über den
+    Autor") goes, and so does what follows it up to the next heading or the next paragraph of the article body
+    (the container holding most prose), whichever comes first. An ad slot's label ("Advertisement") goes alone."""
+    blocks, parent = page.blocks, page.parent
+    body_mass: Counter = Counter()
+    for i, b in enumerate(blocks):
+        if keep[i] and b.kind == "text" and not b.level and len(b.text) >= PROSE_CHARS:
+            body_mass[parent[b.owner]] += len(b.text)
+    body = body_mass.most_common(1)[0][0] if body_mass else -2
+    dropping = False
+    for i, b in enumerate(blocks):
+        if not keep[i] or b.kind != "text":
+            if dropping and keep[i] and b.kind == "image" and b.linked:
+                keep[i] = False
+            continue
+        if _is_section_title(b.text):
+            keep[i] = False
+            # An ad slot's label goes alone: the article often goes on after the slot, in another container.
+            dropping = not _AD_LABELS.fullmatch(b.text.strip(" :.!?…-–|»«\"'"))
+            continue
+        if b.level or (parent[b.owner] == body and len(b.text) >= PROSE_CHARS):
+            dropping = False
+        elif dropping:
+            keep[i] = False
+
+
+def _drop_trailing_regions(
+    page: _Page, keep: list[bool], body: int, prose: list[int], last_in_body: int, in_body: Any
+) -> None:
+    """What follows the article body in other containers, when such a container carries little prose of its own
+    (under AFTER_REGION_SHARE of the body's), is what follows an article: author boxes, "read more" and "you
+    may also like" sections, newsletter and donation prompts. A *region* is the container, one step out of the
+    body's line of ancestors, that holds a block. Lists and tables without links stay: facts, ingredients,
+    specifications."""
+    blocks, parent = page.blocks, page.parent
+    body_line = set()
+    e = body
+    while e >= 0:
+        body_line.add(e)
+        e = parent[e]
+
+    def region(e: int) -> int:
+        while e >= 0 and e not in body_line and parent[e] not in body_line:
+            e = parent[e]
+        return e
+
+    body_prose = 0
+    region_prose: Counter = Counter()
+    for i in prose:
+        owner = blocks[i].owner
+        if in_body(owner):
+            body_prose += len(blocks[i].text)
+        else:
+            region_prose[region(owner)] += len(blocks[i].text)
+    for i in range(last_in_body + 1, len(blocks)):
+        b = blocks[i]
+        if not keep[i] or b.kind != "text" or in_body(b.owner):
+            continue
+        if b.block in ("list_item", "table_cell", "code", "quote") and not b.link_chars:
+            continue
+        if region_prose[region(b.owner)] < AFTER_REGION_SHARE * body_prose:
             keep[i] = False
 
 
