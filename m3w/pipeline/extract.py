@@ -85,7 +85,9 @@ def iter_warc_documents(
                 skipped(record)
                 continue
             try:
-                html, charset = decode_html(record.body, record.charset, options.max_replacement_ratio)
+                html, charset = decode_html(
+                    record.body, record.charset, options.max_replacement_ratio, utf8_as_bytes=True
+                )
                 page = extract_page(html, record.url, options)
             except PageSkip as skip:
                 skipped(page_skip(record, skip.reason, str(skip)))

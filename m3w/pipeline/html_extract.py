@@ -28,6 +28,7 @@ import codecs
 import functools
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -110,14 +111,23 @@ def _try_decode(body: bytes, codec: str, max_bad: float) -> str | None:
         return text if text.count("\ufffd") <= max_bad * max(len(text), 1) else None
 
 
-def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0.01) -> tuple[str, str]:
+def decode_html(
+    body: bytes, http_charset: str | None = None, max_bad: float = 0.01, utf8_as_bytes: bool = False
+) -> tuple[str | bytes, str]:
     """Decode page bytes: BOM, then HTTP charset, then `<meta>` charset, then UTF-8, then detection.
 
-    Returns (text, codec). Raises PageSkip("undecodable") when no codec yields text with few enough U+FFFD.
+    Returns (text, codec). With `utf8_as_bytes`, a page found to be UTF-8 comes back as its bytes (BOM removed):
+    lexbor parses UTF-8 bytes directly, and decoding them only for the parser to encode them again costs a tenth
+    of extraction. Raises PageSkip("undecodable") when no codec yields text with few enough U+FFFD.
     """
+
+    def found(text: str, codec: str, raw: bytes = body) -> tuple[str | bytes, str]:
+        return (raw, codec) if utf8_as_bytes and codec == "utf-8" else (text, codec)
+
     for bom, codec in _BOMS:
         if body.startswith(bom):
-            return body[len(bom) :].decode(codec, errors="replace"), codec
+            rest = body[len(bom) :]
+            return found(rest.decode(codec, errors="replace"), codec, rest)
     meta = _META_CHARSET.search(body[:4096])
     declared = [
         normalize_charset(http_charset),
@@ -127,15 +137,15 @@ def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0
         if codec in _SINGLE_BYTE_LATIN and not body.isascii():
             # "iso-8859-1" is the default many servers send for UTF-8 pages: valid UTF-8 wins over it.
             try:
-                return body.decode("utf-8"), "utf-8"
+                return found(body.decode("utf-8"), "utf-8")
             except UnicodeDecodeError:
                 pass
         text = _try_decode(body, codec, max_bad)
         if text is not None:
-            return text, codec
+            return found(text, codec)
     text = _try_decode(body, "utf-8", max_bad)
     if text is not None:
-        return text, "utf-8"
+        return found(text, "utf-8")
     if not _MARKUP.search(body, 0, 4096):
         # Detection names a codec for any bytes (16 random ones "are" UTF-16 or cp1006): trust it on markup only.
         raise PageSkip("undecodable", "no declared charset decodes it, and it holds no markup")
@@ -146,7 +156,7 @@ def decode_html(body: bytes, http_charset: str | None = None, max_bad: float = 0
     if codec:
         text = _try_decode(body, codec, max_bad)
         if text is not None:
-            return text, codec
+            return found(text, codec)
     raise PageSkip("undecodable", f"no charset decodes the page (declared {declared})")
 
 
@@ -259,6 +269,7 @@ _CONTENT_TOKENS = frozenset(
     "article articlebody content main post entry story hentry postbody storybody".split()
 )
 _PLAIN_CLASS = re.compile(r"[\w -]+$")
+_UNIT_NAMES = re.compile(r"comment|repl|post|message|answer|review", re.I)  # the units of a thread
 _TOKEN_SPLIT = re.compile(r"[\s_\-:./]+|(?<=[a-z])(?=[A-Z])")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 _STYLE_SIZE = re.compile(r"(width|height)\s*:\s*(\d+)px", re.I)
@@ -267,6 +278,13 @@ _TRACKING_IMAGE = re.compile(
     r"/(pixel|beacon|track|tracking)([/?]|$)|doubleclick\.net|facebook\.com/tr|google-analytics\.com|"
     r"googletagmanager|scorecardresearch|quantserve|/b/ss/",
     re.I,
+)
+# Cheap literal scans that must match before the full patterns are tried (most images match neither).
+_TRACKING_HINT = re.compile(
+    r"pixel|beacon|spacer|blank|transparent|clear|1x1|track|doubleclick|facebook|google|scorecard|quantserve|/b/ss/"
+)
+_ICON_HINT = re.compile(
+    r"logo|icon|sprite|avatar|badge|emoji|emoticon|smilies|button|gravatar|spinner|placeholder"
 )
 _ICON_IMAGE = re.compile(
     r"(^|[/_.-])(logos?|icons?|favicons?|sprites?|avatars?|badges?|emojis?|emoticons?|smilies|buttons?|"
@@ -293,8 +311,9 @@ def _tokens(value: str) -> set[str]:
     return {t.lower() for t in _TOKEN_SPLIT.split(value) if t}
 
 
-def _visible_len(text: str) -> int:
-    return len(text) - text.count(" ") - text.count("\n") - text.count("\t")
+def _text_size(node: LexborNode) -> int:
+    """Characters of text under a node, each text node stripped (indentation does not count). All in C."""
+    return len(node.text(deep=True, strip=True))
 
 
 def _int_size(value: str | None) -> int | None:
@@ -314,7 +333,7 @@ def _clean(text: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------- the walk
 
 
-@dataclass
+@dataclass(slots=True)
 class _Block:
     kind: str  # text | image | video
     owner: int  # index of the innermost block element holding it
@@ -324,7 +343,12 @@ class _Block:
     link_chars: int = 0
     level: int = 0  # heading level (1-6), 0 otherwise
     linked: bool = False  # an image inside <a>: a teaser thumbnail when it trails the content
-    media: dict[str, Any] = field(default_factory=dict)
+    media: dict[str, Any] | None = None
+    # An image's <img>, its attributes and any <noscript> <img> fallbacks: its source and figcaption are worked
+    # out only if the image is kept (most images of a page are not), by _Walker.resolve_image.
+    node: LexborNode | None = None
+    attrs: dict[str, str | None] | None = None
+    fallbacks: list[LexborNode] | None = None
 
 
 @dataclass
@@ -337,22 +361,29 @@ class _Page:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def _name_verdict(names: str) -> tuple[bool, bool]:
+    """(names furniture, names content) for a class or id value. Cached: class names repeat endlessly within and
+    across pages."""
+    tokens = _tokens(names)
+    furniture = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(names.lower()))
+    return furniture, bool(tokens & _CONTENT_TOKENS)
+
+
 def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[bool, bool, int]:
-    """(looks like furniture, is a header, content hint 0/1/2) from an element's tag and attributes. Cached:
-    class names repeat endlessly within and across pages."""
-    names = f"{cls} {id_}".strip()
-    tokens = _tokens(names) if names else set()
+    """(looks like furniture, is a header, content hint 0/1/2) from an element's tag and attributes."""
     role = role.lower()
-    hint = 0
-    if tag in ("article", "main") or role == "main" or itemprop.lower() == "articlebody":
-        hint = 2
-    elif tokens & _CONTENT_TOKENS:
+    hint = 2 if tag in ("article", "main") or role == "main" or itemprop.lower() == "articlebody" else 0
+    furniture_name = content_name = False
+    for names in (cls, id_):
+        if names:
+            furniture, content = _name_verdict(names)
+            furniture_name = furniture_name or furniture
+            content_name = content_name or content
+    if not hint and content_name:
         hint = 1
     # Class names mix both ("entry share", "documentContent__sharingContainer"): a content word wins over a
     # furniture word, but not over a furniture tag or role.
-    boiler = tag in BOILERPLATE_TAGS or role in BOILERPLATE_ROLES
-    if not boiler and not hint and names:
-        boiler = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(names.lower()))
+    boiler = tag in BOILERPLATE_TAGS or role in BOILERPLATE_ROLES or (not hint and furniture_name)
     return boiler and tag not in ("body", "html"), tag == "header" or role == "banner", hint
 
 
@@ -392,7 +423,7 @@ class _Walker:
         if not boiler and node.css_first("h1") is not None:
             return False, hint
         # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
-        chars = _visible_len(node.text(deep=True))
+        chars = _text_size(node)
         total = self.total_chars
         if chars >= 0.5 * total:
             return False, hint
@@ -400,9 +431,9 @@ class _Walker:
             if node.css_first("article, main, [itemprop=articleBody], h1") is not None:
                 return False, hint
             # A big region with few links is prose mislabelled by its class name, not navigation.
-            links = sum(_visible_len(a.text(deep=True)) for a in node.css("a"))
+            links = sum(_text_size(a) for a in node.css("a"))
             return links > 0.1 * chars, hint
-        if cls and chars >= 50 and tag not in BOILERPLATE_TAGS:
+        if chars >= 50 and tag not in BOILERPLATE_TAGS and _UNIT_NAMES.search(cls):
             return not self._is_page_of_many(cls), hint
         return True, hint
 
@@ -412,7 +443,7 @@ class _Walker:
         if known is None:
             known = False
             if _PLAIN_CLASS.match(cls) and self._root is not None:  # a CSS string lexbor parses as written
-                mass = sum(_visible_len(n.text(deep=True)) for n in self._root.css(f'[class="{cls}"]'))
+                mass = sum(_text_size(n) for n in self._root.css(f'[class="{cls}"]'))
                 known = mass >= 0.5 * self.total_chars
             self._class_mass[cls] = known
         return known
@@ -432,10 +463,12 @@ class _Walker:
         self.pieces.clear()  # in place: the walk holds this list in a local
         if self.block_kind == "code":
             text = raw.replace(_LINE_BREAK, "\n").strip("\n")
-        else:
+        elif _LINE_BREAK in raw:
             lines = (" ".join(line.split()) for line in raw.split(_LINE_BREAK))
             text = "\n".join(line for line in lines if line)
-        if text.strip():
+        else:
+            text = " ".join(raw.split())
+        if text and not text.isspace():
             self.page.blocks.append(
                 _Block(
                     "text", self.block_owner, self.block_dom, text=text, block=self.block_kind,
@@ -446,17 +479,37 @@ class _Walker:
 
     # -- media
     def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
-        media = self._image_media(node, attrs)
-        if media is not None:
-            block = _Block("image", owner, self.dom_index, linked=linked, media=media)
-            self.page.blocks.append(block)
-            anchors, ancestor = {node.mem_id}, node.parent
-            for _ in range(2):
-                if ancestor is None:
-                    break
-                anchors.add(ancestor.mem_id)
-                ancestor = ancestor.parent
-            self._last_image = (block, anchors)
+        block = _Block("image", owner, self.dom_index, linked=linked, node=node, attrs=attrs)
+        self.page.blocks.append(block)
+        anchors, ancestor = {node.mem_id}, node.parent
+        for _ in range(2):
+            if ancestor is None:
+                break
+            anchors.add(ancestor.mem_id)
+            ancestor = ancestor.parent
+        self._last_image = (block, anchors)
+
+    def resolve_image(self, block: _Block) -> bool:
+        """Work out a kept image block's media (source, size, alt, figcaption); False if it is not a content image
+        after all (an icon, a tracking pixel, a data: URI: counted in image_drops). A <noscript> fallback is what
+        a browser without scripts shows, so it wins over the placeholder, which keeps its alt and caption when
+        the fallback has none."""
+        if block.media or block.node is None:
+            return bool(block.media)
+        media = self._image_media(block.node, block.attrs or {})
+        for fallback in block.fallbacks or ():
+            real = self._image_media(fallback, fallback.attributes)
+            if real is not None and media is None:
+                media = real
+            elif real is not None:
+                media.update(
+                    (k, v) for k, v in real.items() if v is not None or k in ("url", "width", "height")
+                )
+        if media is None:
+            return False
+        media["figcaption"] = _figcaption(block.node)
+        block.media = media
+        return True
 
     def _image_media(self, node: LexborNode, attrs: dict[str, str | None]) -> dict[str, Any] | None:
         """The image an <img> stands for, or None (counted in image_drops) for data: URIs, tracking pixels, icons.
@@ -512,12 +565,13 @@ class _Walker:
         if (width is not None and width < side) or (height is not None and height < side):
             drops["icon" if (width or 0) > 2 or (height or 0) > 2 else "tracking"] += 1
             return None
-        if _TRACKING_IMAGE.search(url):
+        lowered = url.lower()
+        if _TRACKING_HINT.search(lowered) and _TRACKING_IMAGE.search(url):
             drops["tracking"] += 1
             return None
-        path = url.split("?", 1)[0].split("#", 1)[0].lower()
+        path = lowered.split("?", 1)[0].split("#", 1)[0]
         if (
-            _ICON_IMAGE.search(path)
+            (_ICON_HINT.search(path) and _ICON_IMAGE.search(path))
             or path.endswith((".svg", ".ico"))
             or _JUNK_CLASS.search(attrs.get("class") or "")
         ):
@@ -525,10 +579,10 @@ class _Walker:
             return None
         frame = node.parent
         for _ in range(2):
-            if frame is None:
+            if frame is None or not frame.is_element_node:
                 break
-            frame_attrs = frame.attributes
-            if _JUNK_FRAME.search(f"{frame_attrs.get('class') or ''} {frame_attrs.get('id') or ''}"):
+            frame_attrs = frame.attrs
+            if _JUNK_FRAME.search(f"{frame_attrs.sget('class')} {frame_attrs.sget('id')}"):
                 drops["icon"] += 1  # a byline photo, an author box, a logo wrapper
                 return None
             frame = frame.parent
@@ -541,7 +595,7 @@ class _Walker:
             width = chosen_width
         return {
             "url": url, "alt": _clean(attrs.get("alt")), "title": _clean(attrs.get("title")),
-            "figcaption": _figcaption(node), "width": width, "height": height,
+            "figcaption": None, "width": width, "height": height,
         }  # fmt: skip
 
     def _linked_original(
@@ -570,12 +624,9 @@ class _Walker:
         """A <noscript>: what a browser without scripts shows. A page built inside one (sites that draw
         everything with scripts) is walked like any element: returns True. Otherwise only its images count: the
         real image behind the lazy placeholder just before it, or an image scripts would have inserted."""
-        if _visible_len(node.text(deep=True)) >= max(500, 0.25 * self.total_chars):
+        if _text_size(node) >= max(500, 0.25 * self.total_chars):
             return True
         for img in node.css("img"):
-            media = self._image_media(img, img.attributes)
-            if media is None:
-                continue
             previous = node.prev
             while previous is not None and previous.tag == "-text":
                 previous = previous.prev
@@ -590,12 +641,8 @@ class _Walker:
                     or (parent is not None and parent.mem_id in last[1])
                 )
             ):
-                # What a browser without scripts shows is the real image; the placeholder keeps its alt and caption
-                # when the fallback has none.
-                placeholder = last[0].media
-                for key, value in media.items():
-                    if value is not None or key in ("url", "width", "height"):
-                        placeholder[key] = value
+                placeholder = last[0]
+                placeholder.fallbacks = [*(placeholder.fallbacks or ()), img]
             else:
                 self._image(img, img.attributes, owner, linked)
         return False
@@ -618,7 +665,7 @@ class _Walker:
     # -- the walk
     def walk(self, root: LexborNode) -> _Page:
         max_depth = self.options.max_depth
-        self.total_chars = _visible_len(root.text(deep=True))
+        self.total_chars = _text_size(root)
         self._root = root
         page = self.page
         page.tag.append(root.tag or "body")
@@ -634,7 +681,7 @@ class _Walker:
         # Locals, not attribute lookups: this loop runs once per DOM node and dominates extraction time.
         pieces, tags, parents, hints = self.pieces, page.tag, page.parent, page.content_hint
         flush, is_furniture = self._flush, self._is_furniture
-        node = root.child
+        node = root.first_child
         while True:
             if node is None:
                 frame_node, idx, is_block, is_link, saved = stack.pop()
@@ -650,8 +697,11 @@ class _Walker:
                 continue
             tag = node.tag
             if tag == "-text":
-                text = node.text_content
-                if text and (pieces or not text.isspace()):
+                if node.is_empty_text_node:  # whitespace between tags: a word break, and no string to decode
+                    if pieces:
+                        pieces.append(" ")
+                else:
+                    text = node.text_content
                     if not pieces:
                         self.block_dom = self.dom_index
                     pieces.append(text)
@@ -718,7 +768,7 @@ class _Walker:
             in_link += is_link
             if len(stack) >= max_depth:
                 raise PageSkip("nesting", f"DOM deeper than {max_depth}")
-            child = node.child
+            child = node.first_child
             if child is None:
                 if block is not None:
                     self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
@@ -744,47 +794,47 @@ def _figcaption(node: LexborNode) -> str | None:
 # ---------------------------------------------------------------------------------------------- main content
 
 
-def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> list[_Block]:
+def _select_main(
+    page: _Page, options: PageOptions, og_image: str | None, resolve: Callable[[_Block], bool]
+) -> list[_Block]:
     n = len(page.tag)
     if not n:
         return []
     parent = page.parent
+    if not options.main_content:
+        return page.blocks
+    # Per element sums over its subtree: each block adds to its owner, then (elements are numbered in pre-order,
+    # so a parent's number is below its children's) every element adds into its parent, last to first.
     text_len = [0] * n
     link_len = [0] * n
     has_h1 = [False] * n
-    for b in page.blocks:
-        if b.kind != "text":
-            continue
-        e, length = b.owner, len(b.text)
-        while e >= 0:
-            text_len[e] += length
-            link_len[e] += b.link_chars
-            has_h1[e] = has_h1[e] or b.level == 1
-            e = parent[e]
-    if not options.main_content:
-        return page.blocks
-
-    def density(e: int) -> float:
-        return link_len[e] / text_len[e] if text_len[e] else 0.0
-
-    # Content mass: prose (long, few links) counts for an element, link text and short fragments against it.
-    # The best element maximises prose - noise, so it grows exactly while growing adds more prose than noise.
     balance = [0.0] * n
     min_chars = options.min_paragraph_chars
     for b in page.blocks:
         if b.kind != "text":
             continue
-        length = len(b.text)
+        e, length = b.owner, len(b.text)
+        text_len[e] += length
+        link_len[e] += b.link_chars
         if b.level:
-            value = 0.0
+            has_h1[e] = has_h1[e] or b.level == 1
         elif length >= min_chars and b.link_chars <= 0.3 * length:
-            value = length - b.link_chars
+            # Content mass: prose (long, few links) counts for an element, link text and short fragments against
+            # it. The best element maximises prose - noise, so it grows exactly while growing adds more prose.
+            balance[e] += length - b.link_chars
         else:
-            value = -(b.link_chars + 0.5 * (length - b.link_chars))
-        e = b.owner
-        while e >= 0:
-            balance[e] += value
-            e = parent[e]
+            balance[e] -= b.link_chars + 0.5 * (length - b.link_chars)
+    for e in range(n - 1, 0, -1):
+        p = parent[e]
+        text_len[p] += text_len[e]
+        link_len[p] += link_len[e]
+        balance[p] += balance[e]
+        if has_h1[e]:
+            has_h1[p] = True
+
+    def density(e: int) -> float:
+        return link_len[e] / text_len[e] if text_len[e] else 0.0
+
     for e in range(n):
         if balance[e] > 0 and page.content_hint[e] == 2:
             balance[e] *= 1.5  # <article>, <main>, itemprop=articleBody: the page says where its content is
@@ -814,7 +864,7 @@ def _select_main(page: _Page, options: PageOptions, og_image: str | None) -> lis
     _trim_edges(page, keep)
     _drop_announced_sections(page, keep)
     _drop_orphan_headings(page.blocks, keep)
-    _keep_lead_image(page.blocks, keep, og_image)
+    _keep_lead_image(page.blocks, keep, og_image, resolve)
     return [b for b, k in zip(page.blocks, keep, strict=True) if k]
 
 
@@ -1006,14 +1056,26 @@ def image_identity(url: str) -> str:
     return path if len(stem) < 6 or stem in _GENERIC_NAMES else stem
 
 
-def _keep_lead_image(blocks: list[_Block], keep: list[bool], og_image: str | None) -> None:
+def _keep_lead_image(
+    blocks: list[_Block], keep: list[bool], og_image: str | None, resolve: Callable[[_Block], bool]
+) -> None:
     """The page's declared lead image (og:image) is content wherever it sits, e.g. in a hero above the article
-    container. Matched by `image_identity`: og:image is often another size of the same picture."""
+    container. Matched by `image_identity`: og:image is often another size of the same picture. Only images whose
+    attributes mention that identity are resolved to check."""
     if not og_image:
         return
     key = image_identity(og_image)
     for i, b in enumerate(blocks):
-        if b.kind == "image" and image_identity(b.media["url"]) == key:
+        if b.kind != "image":
+            continue
+        if not keep[i]:
+            sources = [
+                *(b.attrs or {}).values(),
+                *(v for f in b.fallbacks or () for v in f.attributes.values()),
+            ]
+            if key not in " ".join(v for v in sources if v).lower():
+                continue
+        if resolve(b) and image_identity(b.media["url"]) == key:
             keep[i] = True
             return
 
@@ -1077,8 +1139,9 @@ def _head_info(tree: LexborHTMLParser, page_url: str) -> tuple[str, str | None, 
     return base, title, lang, og_image
 
 
-def extract_page(html: str, page_url: str, options: PageOptions | None = None) -> ExtractedPage:
-    """Parse one decoded page into ordered nodes (the document's `nodes` column) and page metadata."""
+def extract_page(html: str | bytes, page_url: str, options: PageOptions | None = None) -> ExtractedPage:
+    """Parse one decoded page (str, or UTF-8 bytes) into ordered nodes (the document's `nodes` column) and page
+    metadata."""
     options = options or PageOptions()
     tree = LexborHTMLParser(html)
     # Removed up front (in C) so the text measures used to judge furniture see only visible text. <noscript> stays:
@@ -1088,8 +1151,10 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
     body = tree.body or tree.root
     if body is None:
         raise PageSkip("empty", "no <body>")
-    page = _Walker(base, options).walk(body)
-    blocks = _select_main(page, options, og_image)
+    walker = _Walker(base, options)
+    page = walker.walk(body)
+    selected = _select_main(page, options, og_image, walker.resolve_image)
+    blocks = [b for b in selected if b.kind != "image" or walker.resolve_image(b)]
     nodes = []
     seen_images: set[str] = set()
     for b in blocks:
@@ -1106,7 +1171,7 @@ def extract_page(html: str, page_url: str, options: PageOptions | None = None) -
             node.update(b.media)
         nodes.append(node)
     walked = sum(b.kind == "image" for b in page.blocks)
-    kept = sum(b.kind == "image" for b in blocks)
+    kept = sum(b.kind == "image" for b in selected)
     if walked > kept:
         page.image_drops["outside_content"] += walked - kept
     return ExtractedPage(title=title, lang=lang, og_image=og_image, nodes=nodes, image_drops=page.image_drops)
