@@ -479,6 +479,9 @@ class _Walker:
 
     # -- media
     def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
+        if not any(value for name, value in attrs.items() if "src" in name or name.startswith("data-")):
+            self.page.image_drops["no_url"] += 1  # an empty <img> scripts fill in: its <noscript> pairs with
+            return  # the placeholder before it, not with this
         block = _Block("image", owner, self.dom_index, linked=linked, node=node, attrs=attrs)
         self.page.blocks.append(block)
         anchors, ancestor = {node.mem_id}, node.parent
@@ -624,7 +627,7 @@ class _Walker:
         """A <noscript>: what a browser without scripts shows. A page built inside one (sites that draw
         everything with scripts) is walked like any element: returns True. Otherwise only its images count: the
         real image behind the lazy placeholder just before it, or an image scripts would have inserted."""
-        if _text_size(node) >= max(500, 0.25 * self.total_chars):
+        if _text_size(node) >= max(200, NOSCRIPT_PAGE_SHARE * self.total_chars):
             return True
         for img in node.css("img"):
             previous = node.prev
@@ -875,6 +878,7 @@ _CREDIT = re.compile(
     re.I,
 )
 PROSE_CHARS = 80
+NOSCRIPT_PAGE_SHARE = 0.4  # a <noscript> holding this share of the page's text is the page, not a fallback
 FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
 AFTER_REGION_SHARE = 0.15  # see _drop_trailing_regions
 LISTING_TEASER_CHARS = 60  # on a listing page, linked text this long is a teaser summary, not navigation
