@@ -15,3 +15,8 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config that does not match its dataclass: bad YAML, an unknown key, a wrong type, an invalid value."""
+
+
+class FormatError(UserError, ValueError):
+    """A file that is not in the format it is read as: not parquet at all, another m3w format, another schema
+    version. Said in the driver, it is one line; said in a unit, the unit fails with it (and is retried)."""

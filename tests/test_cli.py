@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -70,6 +72,10 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
     broken.write_text("paragraph:\n  min_words: [5\n")
     obelics = tmp_path / "obelics.jsonl"
     obelics.write_text(json.dumps(OBELICS_ROW) + "\n")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("not parquet\n")
+    foreign = tmp_path / "foreign.parquet"  # parquet, but not written by m3w (no schema version)
+    pq.write_table(pa.table({"url": ["https://example.org/a"]}), foreign)
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump({"datasets": {"m3w": {"path": str(empty)}}, "steps": 1}))
     return {
@@ -79,6 +85,8 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
         "unknown": unknown,
         "broken": broken,
         "obelics": obelics,
+        "garbage": garbage,
+        "foreign": foreign,
         "train_yaml": train_yaml,
         "out": tmp_path / "out",
     }
@@ -122,6 +130,16 @@ def test_unknown_keys_in_yaml_and_set(stage, inputs, no_ray):
          ["is not mmc4", "use --format obelics"]),
         (["build", str(CONFIGS_DIR / "demo.yaml"), "--set", "filter.options.paragraph.min_wrds=3"], "build",
          ["filter.options.paragraph.min_wrds: unknown key", "did you mean 'min_words'"]),
+        (["interop", "import", "garbage", "--format=obelics", "--out", "out"], "interop",
+         ["garbage.parquet: not a parquet file", "magic bytes"]),
+        (["interop", "export", "garbage", "--out", "out"], "interop", ["garbage.parquet: not a documents file"]),
+        (["docs", "to-jsonl", "garbage"], "docs", ["garbage.parquet: not a documents file", "magic bytes"]),
+        (["docs", "to-jsonl", "foreign"], "docs", ["foreign.parquet: not a documents file", "schema version"]),
+        (["docs", "to-jsonl", "empty"], "docs", ["no documents", "empty"]),
+        (["inspect", "garbage", "--out", "{tmp}/x.html"], "inspect", ["garbage.parquet: not a documents file"]),
+        (["inspect", "empty", "--out", "{tmp}/x.html"], "inspect", ["no shards", "one .parquet file"]),
+        (["images", "foreign", "--store", "out"], "images", ["foreign.parquet: not a documents file"]),
+        (["model", "info", "--preset", "nosuch"], "model", ["unknown preset 'nosuch'", "tiny"]),
         (["extract", "warc", "--out", "warc"], "extract", ["exists and is not a directory"]),
         (["stats", "empty"], "stats", ["_manifest.jsonl"]),
         (["extract"], "extract", ["Missing option '--out'"]),

@@ -23,7 +23,7 @@ from m3w.trainer.data import build_streams
 from m3w.trainer.distributed import DistEnv
 from m3w.trainer.optim import lr_factor, param_groups
 from m3w.trainer.state import config_changes, list_checkpoints, load_checkpoint
-from m3w.trainer.train import accumulate_gradients, step_plan
+from m3w.trainer.train import accumulate_gradients, build_model, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -190,6 +190,15 @@ def test_resume_allows_only_changes_that_keep_the_computation():
     assert config_changes(saved, to_dict(other)) == [
         "datasets.m3w.num_workers (2 → 4)", "precision ('auto' → 'fp32')", "seed (0 → 1)"
     ]  # fmt: skip
+
+
+def test_the_configs_precision_is_the_models(tiny_dir, tmp_path):
+    """Issue 13, defect 3, the trainer's half: the model the trainer builds computes in TrainConfig.precision
+    (test_model.py checks that the model follows it; it used to choose bf16 on CUDA by itself)."""
+    for precision in ("fp32", "bf16", "auto"):
+        out = tmp_path / precision
+        config = write_config(tmp_path / "c.yaml", tiny_dir, out, {"m3w": {"path": "x"}}, precision=precision)
+        assert build_model(load_config(TrainConfig, config), DistEnv(), fresh=True).precision == precision
 
 
 def test_config_yaml_and_overrides(tmp_path):

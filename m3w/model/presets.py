@@ -16,6 +16,7 @@ from pathlib import Path
 
 from m3w import CONFIGS_DIR
 from m3w.config import load_config
+from m3w.errors import ConfigError
 from m3w.model.config import FlamingoConfig
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -143,7 +144,7 @@ def preset_config(name: str, overrides: list[str] | None = None) -> FlamingoConf
     path = CONFIGS_DIR / f"model_{name}.yaml"
     if not path.exists():
         known = sorted(p.stem.removeprefix("model_") for p in CONFIGS_DIR.glob("model_*.yaml"))
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(known)}")
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(known)}")
     return load_config(FlamingoConfig, path, overrides)
 
 

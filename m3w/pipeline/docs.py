@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT, iter_documents
+from m3w.errors import UserError
+from m3w.schemas.documents import NODE_IMAGE, NODE_TEXT, document_files, iter_documents
 
 IMAGE_MARKER = "<image>"
 
@@ -53,6 +54,8 @@ def docs_group() -> None:
 @click.option("--limit", type=int, default=None, help="Print at most N documents.")
 def to_jsonl_cmd(path: str, limit: int | None) -> None:
     """Print the documents in PATH (a parquet file or a directory of them) as JSON lines."""
+    if not document_files(path):
+        raise UserError(f"no documents (*.parquet) in {path}")
     out = sys.stdout
     for i, doc in enumerate(iter_documents(path)):
         if limit is not None and i >= limit:

@@ -165,6 +165,10 @@ def render_inspect(
         blocks = [render_document(doc, image_store, tok) for doc in rows]
         kind = "documents"
     elif path.suffix == ".tar" or path.is_dir():
+        if not shard_paths(path):
+            raise UserError(
+                f"{path}: no shards (*.tar) in it; documents are shown one .parquet file at a time"
+            )
         blocks = [render_sample(key, files) for key, files in islice(iter_shard_samples(path), limit)]
         kind = "samples"
     else:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3w.cli import OutputDir, ray_options
-from m3w.errors import UserError
+from m3w.errors import FormatError, UserError
 from m3w.pipeline.io import atomic_open, atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
 from m3w.pipeline.ray_runner import Unit, run_units
@@ -395,11 +395,14 @@ def read_rows(path: Path) -> Iterator[dict]:
 def first_row_columns(path: Path) -> list[str] | None:
     """The columns of a parquet file, or the keys of the first row of a JSON-lines file (None: no rows)."""
     if path.suffix == ".parquet":
-        return pq.read_schema(path).names
+        try:
+            return pq.read_schema(path).names
+        except pa.ArrowInvalid as exc:  # no parquet magic bytes, a torn footer
+            raise FormatError(f"{path}: not a parquet file ({exc})") from exc
     try:
         row = next(read_rows(path), None)
     except (ValueError, OSError) as exc:  # not JSON lines, not gzip
-        raise UserError(f"{path}: not a JSON-lines file ({exc})") from exc
+        raise FormatError(f"{path}: not a JSON-lines file ({exc})") from exc
     if row is not None and not isinstance(row, dict):
         raise UserError(f"{path}: rows must be JSON objects, the first one is {type(row).__name__}")
     return None if row is None else list(row)

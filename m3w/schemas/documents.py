@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from m3w.errors import FormatError
+
 SCHEMA_VERSION = "m3w.documents/1"
 METADATA_KEY = b"m3w.schema_version"
 
@@ -88,7 +90,7 @@ def check_version(schema: pa.Schema, expected: str) -> None:
     """Raise a clear error when a parquet file was written with another schema version."""
     found = (schema.metadata or {}).get(METADATA_KEY, b"").decode() or "<none>"
     if found != expected:
-        raise ValueError(f"schema version mismatch: file has {found!r}, this m3w reads {expected!r}")
+        raise FormatError(f"schema version mismatch: file has {found!r}, this m3w reads {expected!r}")
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -109,11 +111,11 @@ def open_documents(file: str | Path):
     """One documents file as a pyarrow ParquetFile, refused if written in another schema version."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(file)
     try:
+        parquet = pq.ParquetFile(file)
         check_version(parquet.schema_arrow, SCHEMA_VERSION)
-    except ValueError as exc:
-        raise ValueError(f"{file}: not a documents file ({exc})") from exc
+    except (pa.ArrowInvalid, FormatError) as exc:  # ArrowInvalid: not parquet (no magic bytes, a torn footer)
+        raise FormatError(f"{file}: not a documents file ({exc})") from exc
     return parquet
 
 
