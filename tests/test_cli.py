@@ -74,6 +74,8 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
     obelics.write_text(json.dumps(OBELICS_ROW) + "\n")
     garbage = tmp_path / "garbage.parquet"
     garbage.write_text("not parquet\n")
+    garbage_tar = tmp_path / "garbage.tar"
+    garbage_tar.write_text("not a tar\n")
     foreign = tmp_path / "foreign.parquet"  # parquet, but not written by m3w (no schema version)
     pq.write_table(pa.table({"url": ["https://example.org/a"]}), foreign)
     train_yaml = tmp_path / "train.yaml"
@@ -87,6 +89,7 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
         "obelics": obelics,
         "garbage": garbage,
         "foreign": foreign,
+        "garbage_tar": garbage_tar,
         "train_yaml": train_yaml,
         "out": tmp_path / "out",
     }
@@ -138,6 +141,7 @@ def test_unknown_keys_in_yaml_and_set(stage, inputs, no_ray):
         (["docs", "to-jsonl", "empty"], "docs", ["no documents", "empty"]),
         (["inspect", "garbage", "--out", "{tmp}/x.html"], "inspect", ["garbage.parquet: not a documents file"]),
         (["inspect", "empty", "--out", "{tmp}/x.html"], "inspect", ["no shards", "one .parquet file"]),
+        (["inspect", "garbage_tar", "--out", "{tmp}/x.html"], "inspect", ["garbage.tar: not a readable tar shard"]),
         (["images", "foreign", "--store", "out"], "images", ["foreign.parquet: not a documents file"]),
         (["model", "info", "--preset", "nosuch"], "model", ["unknown preset 'nosuch'", "tiny"]),
         (["extract", "warc", "--out", "warc"], "extract", ["exists and is not a directory"]),

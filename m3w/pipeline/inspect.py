@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from m3w.errors import UserError
+from m3w.errors import FormatError, UserError
 from m3w.pipeline.tario import iter_tar_samples
 from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 from m3w.schemas import shards as shard_spec
@@ -104,7 +105,10 @@ def render_sample(key: str, files: dict[str, bytes]) -> str:
 
 def iter_shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     for tar in shard_paths(path):
-        yield from iter_tar_samples(tar)
+        try:
+            yield from iter_tar_samples(tar)
+        except tarfile.TarError as exc:  # not a tar, or cut short
+            raise FormatError(f"{tar}: not a readable tar shard ({exc})") from exc
 
 
 def render_document(doc: dict, store, tok) -> str:
