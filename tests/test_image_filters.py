@@ -394,12 +394,8 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from m3w.pipeline.image_filters.duplicates import (
-        duplicate_counts,
-        key_ranges,
-        run_phash_counts,
-        shuffle_keys,
-    )
+    from m3w.pipeline.dedup.keys import hash_partition
+    from m3w.pipeline.image_filters.duplicates import duplicate_counts, run_phash_counts, shuffle_keys
     from m3w.schemas import images as spec
 
     rng = np.random.default_rng(0)
@@ -420,8 +416,9 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     values, counts = np.unique(every_phash, return_counts=True)
     expected = {int(v): int(c) for v, c in zip(values, counts) if c >= 2}
 
-    key = run_phash_counts(tmp_path, files, ray_address, rows_per_reduce=40)  # 150 pHashes: 4 ranges
-    assert len(list((tmp_path / "_phash" / "counts" / key).glob("*.parquet"))) == 4
+    key = run_phash_counts(tmp_path, files, ray_address, rows_per_reduce=40)  # 160 index rows: 4 partitions
+    counted = tmp_path / "_phash" / "counts" / key
+    assert len(list(counted.glob("*.parquet"))) == 4 and not (counted / "map").exists()  # the shuffle went
     assert duplicate_counts(str(tmp_path), key) == expected
     limit = sorted(expected.values())[len(expected) // 2]
     assert duplicate_counts(str(tmp_path), key, limit) == {h: n for h, n in expected.items() if n > limit}
@@ -430,11 +427,10 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     fewer = run_phash_counts(tmp_path, files[:2], ray_address)
     assert fewer != key and not (tmp_path / "_phash" / "counts" / key).exists()
     assert sum(duplicate_counts(str(tmp_path), fewer).values()) < sum(expected.values())
-    # The shuffle keys spread the pHashes over the ranges (pHash bits are not uniform), without collisions.
+    # The shuffle keys spread the pHashes over the partitions (pHash bits are not uniform), without collisions.
     keys = shuffle_keys(np.arange(0, 4000, dtype=np.int64) << 52)
     assert len(set(keys.tolist())) == 4000
-    per_range = [int(((keys >= lo) & (keys <= hi)).sum()) for lo, hi in key_ranges(4)]
-    assert min(per_range) > 800, per_range
+    assert np.bincount(hash_partition(keys, 4)).min() > 800
 
 
 def test_images_stage_counts_phash_duplicates_and_drops_overused_pictures(

@@ -4,75 +4,62 @@ The count of a pHash is how many stored images (distinct URLs with status ok) ha
 resized or re-encoded under many URLs is one picture used many times. It is OBELICS's "image used in more than K
 documents" on the picture instead of its URL (the filter stage's dedup already counts identical image URLs across
 documents: `dedup.image_url_max_docs`). The counts are kept in the store (`schemas/image_duplicates.py`), and
-`duplicate_counts` reads the count of any pHash.
+`duplicate_counts` reads them.
 
-A corpus-wide group-by, split like the filter stage's dedup counts so that no task, and not the driver, holds the
-store's pHashes:
+A corpus-wide group-by on the filter dedup's machinery, so that no task, and not the driver, holds the store's
+pHashes:
 
-    map     one task per index file, once (index files never change): the pHashes of its stored images, each with
-            a shuffle key (a 64-bit mix of the pHash: pHash bits are far from uniform), sorted by key
-    reduce  one task per key range: the pHashes of its range from every map file, reading only the row groups
-            whose key statistics overlap the range (each map byte is read about once), counted
+    map     one task per index file: the pHashes of its stored images, hash-partitioned on a 64-bit mix of the
+            pHash (pHash bits are far from uniform) into one partitioned file (`filter_cache.write_parts`)
+    reduce  one task per partition: that partition of every map file (one byte range of each), counted; the
+            map files go once every partition is counted
     read    the pHashes over K (few: the most-used pictures), by the decide step and by the store's readers
 
-The counts are cached under a key of the index files they came from: a run that adds index files maps only the
-new ones, then counts again.
+The counts are cached under a key of the index files they came from: a run that adds index files counts again.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from m3w.pipeline.io import stable_hash
+from m3w.pipeline.dedup.keys import hash_partition, mix64
+from m3w.pipeline.io import parquet_file, stable_hash, url_to_fs
 from m3w.schemas import image_duplicates as spec
+from m3w.schemas.filter_cache import read_parts, write_parts
 from m3w.schemas.images import STATUS_OK
 
-ROWS_PER_REDUCE = 4_000_000  # pHashes one reduce task counts (32 MB of int64 keys and values)
-_INT64 = np.iinfo(np.int64)
+ROWS_PER_REDUCE = 4_000_000  # pHashes one reduce task counts (32 MB of int64)
 
 
 def shuffle_keys(phashes: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser of each pHash, as int64: uniform keys (and a bijection: no two pHashes collide)."""
-    x = phashes.astype(np.int64).view(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x.view(np.int64)
+    """Well-spread 64-bit keys of pHashes (splitmix64's finaliser: a bijection, so no two pHashes collide)."""
+    return mix64(phashes, np.zeros_like(phashes))
 
 
-def key_ranges(n: int) -> list[tuple[int, int]]:
-    """`n` contiguous, inclusive ranges covering the int64 keys."""
-    bounds = [_INT64.min + (2**64 * i) // n for i in range(n)] + [_INT64.max + 1]
-    return [(bounds[i], bounds[i + 1] - 1) for i in range(n)]
+def map_index_file(index_file: str, out: str, partitions: int) -> int:
+    """Ray task: the pHashes of one index file's stored images, partitioned. Returns their number."""
+    table = parquet_file(index_file).read(columns=["status", "phash"])
+    table = table.filter(pc.and_(pc.equal(table["status"], STATUS_OK), pc.is_valid(table["phash"])))
+    phashes = table.column("phash").to_numpy()
+    keys = pa.table({"phash": phashes}, schema=spec.PHASH_KEYS_SCHEMA)
+    write_parts(out, keys, hash_partition(shuffle_keys(phashes), partitions), partitions)
+    return len(phashes)
 
 
-def map_index_file(store: str, index_file: str) -> int:
-    """Ray task: the pHashes of one index file's stored images → its map file (once). Returns their number."""
-    out = spec.map_path(store, index_file)
-    if not out.exists():
-        table = pq.read_table(index_file, columns=["status", "phash"])
-        table = table.filter(pc.and_(pc.equal(table["status"], STATUS_OK), pc.is_valid(table["phash"])))
-        phashes = table.column("phash").to_numpy()
-        spec.write_keys(out, shuffle_keys(phashes), phashes)
-    return pq.ParquetFile(out).metadata.num_rows
-
-
-def count_range(map_files: Sequence[str], low: int, high: int, out: str) -> int:
-    """Ray task: count the pHashes whose key is in [low, high] over every map file; keep those ≥ 2 images have.
-    Returns how many pHashes were kept."""
-    parts = [spec.read_key_range(Path(f), low, high) for f in map_files]
-    phashes, images = np.unique(np.concatenate(parts or [np.empty(0, np.int64)]), return_counts=True)
+def count_partition(map_files: Sequence[str], partition: int, partitions: int, out: str) -> int:
+    """Ray task: count one partition's pHashes over every map file; keep those ≥ 2 stored images have. Returns
+    how many pHashes were kept."""
+    phashes = read_parts(map_files, partition, partitions, spec.PHASH_KEYS_SCHEMA).column("phash").to_numpy()
+    values, images = np.unique(phashes, return_counts=True)
     shared = images >= 2
-    spec.write_counts(Path(out), phashes[shared], images[shared].astype(np.int64))
+    spec.write_counts(out, values[shared], images[shared].astype(np.int64))
     return int(shared.sum())
 
 
@@ -94,20 +81,24 @@ def run_phash_counts(
 
     key = counts_key(index_files)
     directory = spec.counts_dir(store, key)
-    if spec.is_done(directory):
+    if spec.done_partitions(directory) is not None:
         return key
+    rows = sum(parquet_file(str(f)).metadata.num_rows for f in index_files)  # footers: an upper bound
+    partitions = max(1, math.ceil(rows / rows_per_reduce))
     init_ray(ray_address)
-    remote_map = ray.remote(max_retries=1)(map_index_file)
-    rows = ray.get([remote_map.remote(str(store), str(f)) for f in index_files])
-    map_files = [str(spec.map_path(store, f)) for f in index_files]
-    ranges = key_ranges(max(1, math.ceil(sum(rows) / rows_per_reduce)))
-    remote_count = ray.remote(max_retries=1)(count_range)
-    ray.get([remote_count.remote(map_files, low, high, str(directory / f"{i:05d}.parquet"))
-             for i, (low, high) in enumerate(ranges)])  # fmt: skip
-    spec.mark_done(directory)
-    for old in directory.parent.iterdir():  # counts of an earlier set of index files: superseded
-        if old != directory and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    map_files = [spec.map_file(directory, i) for i in range(len(index_files))]
+    mapper = ray.remote(max_retries=1)(map_index_file)
+    ray.get([mapper.remote(str(f), out, partitions) for f, out in zip(index_files, map_files)])
+    reducer = ray.remote(max_retries=1)(count_partition)
+    ray.get(
+        [reducer.remote(map_files, p, partitions, spec.counts_file(directory, p)) for p in range(partitions)]
+    )
+    spec.mark_done(directory, partitions)
+    fs, root = url_to_fs(spec.counts_root(store))
+    fs.rm(f"{root}/{key}/map", recursive=True)  # the shuffle's files: counted
+    for old in fs.ls(root, detail=False):  # counts of an earlier set of index files: superseded
+        if old.rstrip("/").rsplit("/", 1)[-1] != key:
+            fs.rm(old, recursive=True)
     return key
 
 
@@ -116,9 +107,4 @@ def duplicate_counts(store: str, key: str, more_than: int = 1) -> dict[int, int]
     """pHash → stored images with it, for the pHashes that more than `more_than` stored images have (the
     duplicate rule's drops with `more_than` = K; every shared pHash with the default). Cached per process:
     counts under a key never change."""
-    directory = spec.counts_dir(store, key)
-    if not spec.is_done(directory):
-        raise FileNotFoundError(
-            f"no complete pHash counts at {directory}: run `m3w images` on the store again"
-        )
-    return spec.read_counts(directory, more_than)
+    return spec.read_counts(spec.counts_dir(store, key), more_than)
