@@ -64,7 +64,8 @@ def count_partition(map_files: Sequence[str], partition: int, partitions: int, o
 
 
 def counts_key(index_files: Sequence[str | Path]) -> str:
-    return stable_hash({"version": spec.SCHEMA_VERSION, "files": sorted(Path(f).name for f in index_files)})
+    """The counts' cache key: the index files they count (whole paths: file names may repeat across folders)."""
+    return stable_hash({"version": spec.SCHEMA_VERSION, "files": sorted(map(str, index_files))})
 
 
 def run_phash_counts(
