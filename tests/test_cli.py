@@ -144,6 +144,8 @@ def test_unknown_keys_in_yaml_and_set(stage, inputs, no_ray):
         (["inspect", "garbage_tar", "--out", "{tmp}/x.html"], "inspect", ["garbage.tar: not a readable tar shard"]),
         (["images", "foreign", "--store", "out"], "images", ["foreign.parquet: not a documents file"]),
         (["model", "info", "--preset", "nosuch"], "model", ["unknown preset 'nosuch'", "tiny"]),
+        (["tokenizer", "train", "garbage_tar", "--out", "out"], "tokenizer", ["garbage.tar: not a WARC"]),
+        (["tokenizer", "train", "empty", "--out", "out"], "tokenizer", ["no WARC files", "empty"]),
         (["extract", "warc", "--out", "warc"], "extract", ["exists and is not a directory"]),
         (["stats", "empty"], "stats", ["_manifest.jsonl"]),
         (["extract"], "extract", ["Missing option '--out'"]),

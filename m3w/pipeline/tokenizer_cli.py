@@ -8,16 +8,17 @@ tiny test model stays small; any Hugging Face tokenizer can replace it with `--t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import click
 
+from m3w.errors import FormatError
 from m3w.pipeline.tokenizer import DEFAULT_TOKENIZER, EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MEDIA_TOKEN, EOC_TOKEN)
-DEFAULT_WARCS = Path(__file__).resolve().parents[3] / "shared" / "webcorpus" / "warc"
 
 
 def warc_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -31,37 +32,35 @@ def warc_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def decode_html(data: bytes) -> str:
-    """UTF-8 when valid, else the charset_normalizer guess (ClueWeb pages are Shift-JIS/EUC-JP)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        from charset_normalizer import from_bytes
-
-        best = from_bytes(data).best()
-        return str(best) if best is not None else data.decode("utf-8", errors="replace")
-
-
 def iter_page_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Visible text of every HTML response record: a quick dump, not the extractor (training text only)."""
-    from fastwarc.warc import ArchiveIterator, WarcRecordType
+    """Visible text of every HTML page (HTTP 200) of the WARCs: read by the extract stage's WARC reader, decoded
+    by its charset rules, then a quick text dump, not the extractor (training text only). A file that is not a
+    WARC, or ends inside a record, is a FormatError naming it."""
     from selectolax.lexbor import LexborHTMLParser
 
+    from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html
+    from m3w.pipeline.warc import HtmlRecord, WarcError, iter_html_records, open_input
+
+    max_html_bytes = PageOptions().max_html_bytes
     for path in paths:
-        with open(path, "rb") as stream:
-            for record in ArchiveIterator(stream, record_types=WarcRecordType.response, parse_http=True):
-                content_type = (
-                    (record.http_headers or {}).get("Content-Type", "") if record.http_headers else ""
-                )
-                if "html" not in content_type.lower():
-                    continue
-                tree = LexborHTMLParser(decode_html(record.reader.read()))
-                for node in tree.css("script, style, noscript, template"):
-                    node.decompose()
-                body = tree.body
-                text = body.text(separator="\n", strip=True) if body is not None else ""
-                if text:
-                    yield text
+        try:
+            with open_input(str(path)) as stream:
+                for record in iter_html_records(stream, Counter(), max_html_bytes):
+                    if not isinstance(record, HtmlRecord):  # a skipped record or a damaged stretch
+                        continue
+                    try:
+                        html, _ = decode_html(record.body, record.charset)
+                    except PageSkip:  # undecodable
+                        continue
+                    tree = LexborHTMLParser(html)
+                    for node in tree.css("script, style, noscript, template"):
+                        node.decompose()
+                    body = tree.body
+                    text = body.text(separator="\n", strip=True) if body is not None else ""
+                    if text:
+                        yield text
+        except WarcError as exc:
+            raise FormatError(f"{path}: {exc}") from exc
 
 
 def train_tokenizer(
@@ -102,18 +101,21 @@ def tokenizer_group() -> None:
 
 
 @click.command("train")
-@click.argument("inputs", nargs=-1, type=click.Path(exists=True))
-@click.option("--out", default=DEFAULT_TOKENIZER, show_default=True, help="Output tokenizer directory.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--out",
+    required=True,
+    help=f"Output tokenizer directory (the shipped default, trained on the webcorpus WARCs: {DEFAULT_TOKENIZER}).",
+)
 @click.option("--vocab-size", default=8192, show_default=True)
 @click.option("--min-frequency", default=2, show_default=True)
 def train_cmd(inputs: tuple[str, ...], out: str, vocab_size: int, min_frequency: int) -> None:
-    """Train a byte-level BPE on the text of the HTML pages in INPUTS (WARC files or directories;
-    default: the webcorpus)."""
+    """Train a byte-level BPE on the text of the HTML pages in INPUTS (WARC files or directories of them)."""
     from m3w.pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    files = warc_files(inputs or [DEFAULT_WARCS])
+    files = warc_files(inputs)
     if not files:
-        raise click.UsageError("no WARC files found")
+        raise click.UsageError(f"no WARC files (*.warc.gz, *.warc) in {', '.join(inputs)}")
     train_tokenizer(iter_page_texts(files), out, vocab_size=vocab_size, min_frequency=min_frequency)
     tok = load_tokenizer(out)
     click.echo(f"saved {out}: vocab {len(tok)}, fingerprint {tokenizer_fingerprint(tok)}")

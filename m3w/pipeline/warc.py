@@ -60,7 +60,7 @@ def open_input(path: str) -> Iterator[IO[bytes]]:
 
         with requests.get(path, stream=True, timeout=HTTP_TIMEOUT_S) as resp:
             resp.raise_for_status()
-            resp.raw.decode_content = False  # the WARC's own gzip members are decoded by fastwarc
+            resp.raw.decode_content = False  # the WARC's own gzip members are inflated by the reader
             yield resp.raw
     elif is_remote(path):
         import fsspec
