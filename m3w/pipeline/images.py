@@ -443,7 +443,7 @@ def run_images(
             else:
                 pending.append((url, row["attempts"] or 0))
         contexts = {}
-        if config.image_filters.clip.enabled:  # what each page says about its images: CLIP compares them
+        if config.image_filters.clip.enabled and pending:  # what each page says about its images
             contexts = first_contexts([p for p in map(Path, inputs) if is_documents_input(p)],
                                       {u for u, _ in pending}, config.image_filters.clip.max_text_chars)  # fmt: skip
         manifest = Manifest(store_path, "images", stable_hash(to_dict(config)))
