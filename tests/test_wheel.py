@@ -1,12 +1,14 @@
 """The wheel: one `m3w` package with its configs as package data, importable outside the checkout.
 
-Built with `pip wheel` and installed with pip into a fresh venv, offline: no build isolation (the dev venv's
-setuptools), `--no-deps`, and the dev venv's site-packages appended to the fresh venv's path for the
-dependencies (a plain path entry: the editable install of this checkout that it holds is not activated).
+Built with `pip wheel` from a clean copy of the source and installed with pip into a fresh venv, offline: no
+build isolation (the dev venv's setuptools), `--no-deps`, and the dev venv's site-packages appended to the fresh
+venv's path for the dependencies (a plain path entry: the editable install of this checkout that it holds is not
+activated).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,17 +23,37 @@ print(m3w.__file__)
 for name in ("pipeline", "model", "trainer", "schemas", "demo", "configs"):
     assert importlib.util.find_spec(name) is None, name
 assert sorted(p.name for p in m3w.CONFIGS_DIR.glob("*.yaml")) == sys.argv[1].split(","), sys.argv[1]
+from m3w.pipeline.tokenizer import load_tokenizer
+assert load_tokenizer().convert_tokens_to_ids(["<image>", "<EOC>"]) == [2, 3]  # the shipped tokenizer's assets
 """
 
 
+def clean_source(into: Path) -> Path:
+    """What the wheel is built from, without a checkout's build/ and *.egg-info (setuptools would take files
+    from those that the package data rules no longer name)."""
+    into.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, into / name)
+    shutil.copytree(ROOT / "m3w", into / "m3w", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return into
+
+
 def test_wheel_installs_one_namespace_with_its_configs(tmp_path):
+    source = clean_source(tmp_path / "source")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(source)],
         check=True, cwd=tmp_path, capture_output=True,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("m3w-*.whl")
-    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
     assert top == {"m3w", wheel.name.split("-py")[0] + ".dist-info"}, top
+    data = {  # every file of the package that is not code: configs, the tokenizer, word lists
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "m3w").rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    assert data and data <= set(names), sorted(data - set(names))
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
