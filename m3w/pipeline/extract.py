@@ -28,7 +28,7 @@ from m3w.errors import UserError
 from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html, extract_page
 from m3w.pipeline.io import atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
-from m3w.pipeline.ray_runner import RunSummary, Unit, run_units
+from m3w.pipeline.ray_runner import RunSummary, Unit, report_progress, run_units
 from m3w.pipeline.warc import (
     DEFAULT_CC_BASE_URL,
     HtmlRecord,
@@ -80,7 +80,11 @@ def iter_warc_documents(
         return Skip(reason, record.offset, record.length, record.record_id, "response", record.url, detail)
 
     with open_input(warc_path) as stream:
+        read = 0  # bytes of the file behind us, for the live progress (a Common Crawl WARC is ~1 GB: minutes)
         for record in iter_html_records(stream, counts, options.max_html_bytes, config.warc):
+            position = stream.tell()
+            report_progress(pages=int(isinstance(record, HtmlRecord)), warc_bytes=position - read)
+            read = position
             if isinstance(record, Skip):
                 skipped(record)
                 continue
@@ -121,6 +125,7 @@ def iter_warc_documents(
                 "html_bytes": len(record.body),
                 "nodes": page.nodes,
             }
+        report_progress(warc_bytes=stream.tell() - read)  # the records after the last HTML page
 
 
 def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, int]]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +58,18 @@ def remove_temp_files(directory: str | Path) -> int:
     return removed
 
 
+# Called just before an output is renamed into place (`commit`). Ray workers set it (ray_runner) to a check that
+# raises once their job's driver is gone, so a worker outliving a killed job never publishes a file.
+commit_check: Callable[[], None] | None = None
+
+
+def commit(tmp: str | Path, final: str | Path) -> None:
+    """Publish a finished temp file under its final name (atomic on one filesystem)."""
+    if commit_check is not None:
+        commit_check()
+    os.replace(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temp path next to `final`; rename it into place only if the block succeeds.
@@ -71,7 +83,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, final)
+        commit(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -1,54 +1,319 @@
-"""Run a stage's units as Ray tasks: local Ray by default, a cluster via `--ray-address` / `RAY_ADDRESS`.
+"""Run a stage's units as Ray tasks: a private local Ray by default, a cluster via `--ray-address` / `RAY_ADDRESS`.
 
 Every stage has the same shape: a list of units (one input → one output), a pure function per unit that writes
 its output atomically and returns counts, and a manifest. `run_units` skips done units, retries failed ones,
 bounds the tasks in flight, records each result as it arrives (so a killed job loses only units in flight), and
-shows a progress bar with a rate.
+shows a progress bar with rates, live while units run (`report_progress`).
+
+How m3w starts Ray, and why (read from Ray 2.60's source):
+- Local (no address): always a fresh Ray private to this process (`address="local"`: never the cluster a
+  `ray_current_cluster` file names), in its own short temp dir, on 127.0.0.1 only, with no API server (see
+  `_without_api_server`), no usage stats. Its processes die with the driver: Ray kills its head processes when
+  the driver dies (parent-death signal), and every worker that ran one of our units asks for the same signal
+  against its raylet, so no worker outlives a `kill -9` of the job.
+- Cluster (`--ray-address` / `RAY_ADDRESS`): Ray's token auth is picked up from where `ray start` keeps it
+  (`~/.ray/auth_token`, or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN). The cluster is checked with one short gRPC call
+  first, so a wrong address or token is one clear `RayConnectError` instead of minutes of retries.
+- Everywhere: a worker commits an output (the final rename) only while its job is alive (`_check_job_alive`),
+  so a worker of a killed driver on a cluster never publishes a file.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import click
 from tqdm import tqdm
 
-from m3w.pipeline.io import remove_temp_files
+from m3w.pipeline import io
 from m3w.pipeline.manifest import Manifest
 
+# Environment every Ray process of a local run inherits (the driver starts them all, the raylet its workers).
+LOCAL_RAY_ENV = {
+    # No usage reports (ray/_common/usage/usage_lib.py).
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Single-node mode: Ray keeps 127.0.0.1 as the node address instead of asking which interface routes to
+    # 8.8.8.8 (services.get_node_ip_address); the same flag in ray_constants.ENABLE_RAY_CLUSTER.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+LOOPBACK = "127.0.0.1"
+# Ray puts unix sockets under the temp dir (`<dir>/session_<date>_<pid>/sockets/plasma_store`); a socket path
+# may not exceed 107 bytes, so the private temp dir must stay short.
+MAX_TEMP_DIR_CHARS = 40
+CONNECT_TIMEOUT_S = 10.0
+PROGRESS_INTERVAL_S = 1.0  # how often a running unit sends its progress counters to the driver
+AUTH_TOKEN_VARS = "RAY_AUTH_TOKEN_PATH (a file holding the token) or RAY_AUTH_TOKEN"
 
-def _is_loopback(address: str | None) -> bool:
-    host = (address or "").split("://")[-1].rsplit(":", 1)[0]
-    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+class RayConnectError(click.ClickException):
+    """Ray could not be reached or refused us: one line naming the likely cause, exit status 2."""
+
+    exit_code = 2
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in (LOOPBACK, "localhost", "::1")
+
+
+def _single_node_mode() -> None:
+    import ray._private.ray_constants as ray_constants
+
+    os.environ.update(LOCAL_RAY_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read once at import; ray may have been imported before us
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray pinned to 127.0.0.1 with no dashboard."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None or _is_loopback(address):
-        # Ray maps 127.0.0.1 to the machine's routable address unless it runs in single-node mode; a local job
-        # should listen on loopback only. The env var reaches workers; the constant covers an imported ray.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    """Connect to `address` (else RAY_ADDRESS), or start a private local Ray when neither is set.
+
+    `address="local"` always starts a local Ray; `num_cpus` sizes a local Ray only (a cluster has its own).
+    Raises `RayConnectError` when a cluster cannot be reached or rejects our auth token.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if address is None or _is_loopback(address):
-        import ray._private.ray_constants as ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        _start_local_ray(num_cpus)
     else:
+        _connect(address)
+
+
+def _private_temp_dir() -> str:
+    """A fresh temp dir for one local Ray: under Ray's own temp root (RAY_TMPDIR, TMPDIR) when the socket paths
+    fit, else under /tmp. Removed when the process exits."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    if len(os.path.join(root, "m3w-ray-xxxxxxxx")) > MAX_TEMP_DIR_CHARS or not os.access(root, os.W_OK):
+        root = "/tmp"
+    return tempfile.mkdtemp(prefix="m3w-ray-", dir=root)
+
+
+@contextlib.contextmanager
+def _without_api_server() -> Iterator[None]:
+    """Start Ray without its API server process (ray/dashboard/dashboard.py).
+
+    With `include_dashboard=False` Ray 2.60 still starts that process, only to run its usage-stats module, and that
+    module probes the cloud metadata services (169.254.169.254 twice, a DNS lookup of metadata.google.internal)
+    before it even checks whether usage stats are enabled (dashboard/modules/usage_stats/usage_stats_head.py:
+    `get_cluster_config_to_report`). No Ray setting turns that off, and a private local Ray loses nothing
+    without the process: no job, state or metrics API is served by it with the dashboard off.
+    """
+    from ray._private import services
+
+    start_api_server = services.start_api_server
+    services.start_api_server = lambda *args, **kwargs: (None, None)  # (dashboard url, process info)
+    try:
+        yield
+    finally:
+        services.start_api_server = start_api_server
+
+
+def _start_local_ray(num_cpus: int | None) -> None:
+    import ray
+
+    _single_node_mode()
+    temp_dir = _private_temp_dir()
+    with _without_api_server():
         ray.init(
-            num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False
+            address="local",  # never the cluster recorded in ray_current_cluster, never RAY_ADDRESS
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            _temp_dir=temp_dir,
+            configure_logging=False,
         )
+
+    def cleanup() -> None:  # atexit runs this before Ray's own shutdown hook (registered earlier)
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    atexit.register(cleanup)
+
+
+# ---------------------------------------------------------------------------------------------------- cluster
+
+
+def _token_source() -> str | None:
+    """Where Ray's token loader (C++ AuthenticationTokenLoader) finds a token, in its order; None when nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH={path}"
+    default = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return default if os.path.isfile(default) and os.path.getsize(default) else None
+
+
+def _use_token_if_available() -> None:
+    """Send the auth token when one is where `ray start` keeps it and RAY_AUTH_MODE is not set.
+
+    A Ray 2.60 driver given an explicit address never enables token auth by itself (ray/_private/worker.py:
+    only `address="auto"` does), so without this a token-protected cluster answers every call with
+    InvalidAuthToken. The mode is read from the environment by Ray's C++ config, which the driver's workers and
+    a re-read (`Config.initialize`) both see.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is None and _token_source():
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+
+
+def _check_cluster(address: str) -> None:
+    """One gRPC call to the cluster's GCS (its id), so a wrong address or token fails in seconds, in one line."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = init_grpc_channel(address)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S, wait_for_ready=False
+        )
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            source = _token_source()
+            if source is None or os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                raise RayConnectError(
+                    f"the Ray cluster at {address} requires an auth token and none was found: copy the head "
+                    f"node's ~/.ray/auth_token to ~/.ray/auth_token here, or set {AUTH_TOKEN_VARS}"
+                ) from None
+            raise RayConnectError(
+                f"the Ray cluster at {address} rejected the auth token from {source}: set {AUTH_TOKEN_VARS} "
+                "to the head node's token (`ray get-auth-token` on the head prints it)"
+            ) from None
+        raise RayConnectError(
+            f"cannot reach a Ray cluster at {address} ({code.name.lower()}: {exc.details()}): check "
+            "--ray-address / RAY_ADDRESS, and that `ray start --head` runs there and its port is open"
+        ) from None
+    finally:
+        channel.close()
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    if _is_loopback(address):
+        _single_node_mode()  # the cluster's nodes are on 127.0.0.1: so is this driver
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address.startswith("ray://"):  # Ray Client addresses go through a proxy with its own errors
+        _use_token_if_available()
+        _check_cluster(address)
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+        raise RayConnectError(
+            f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_progress: Counter | None = None  # the running unit's progress since its last report; None outside a unit
+_progress_lock = threading.Lock()
+
+
+def report_progress(**counts: int) -> None:
+    """Add to the running unit's live progress (e.g. `pages=1, warc_bytes=n`), shown on the driver's progress
+    bar within a second. Costs a dict update; a no-op outside a Ray unit (tests, benchmarks)."""
+    if _progress is None:
+        return
+    with _progress_lock:
+        _progress.update(counts)
+
+
+def _take_progress() -> dict[str, int]:
+    global _progress
+    with _progress_lock:
+        taken, _progress = _progress, Counter()
+    return dict(taken or {})
+
+
+def _die_with_raylet() -> None:
+    """Ask Linux to SIGKILL this worker when its parent, the raylet, dies (set once per worker process).
+
+    Ray workers run in their own process groups, so a `kill -9` of the driver's group does not reach them;
+    without this they notice the dead raylet only at its next health check, seconds later, and keep writing.
+    """
+    if not sys.platform.startswith("linux") or getattr(_die_with_raylet, "armed", False):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:  # armed now; if the raylet died before that, this worker was re-parented already: stop here
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            orphan = f.read().strip() != "raylet"
+    except OSError:
+        orphan = True
+    if orphan:
+        os._exit(1)
+    _die_with_raylet.armed = True  # type: ignore[attr-defined]
+
+
+def _check_job_alive() -> None:
+    """Raise unless the GCS says this worker's job (its driver) is still running: called before each commit."""
+    import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info(
+        job_or_submission_id=job_id,
+        skip_submission_job_info_field=True,
+        skip_is_running_tasks_field=True,
+        timeout=CONNECT_TIMEOUT_S,
+    )
+    if not jobs or any(info.is_dead for info in jobs.values()):
+        raise RuntimeError(f"job {job_id} is gone (its driver died): output not committed")
+
+
+def _run_unit(fn: Callable[[Any], tuple[str | None, dict[str, int]]], args: Any) -> Iterator[tuple[str, Any]]:
+    """Ray streaming task: run one unit, yielding ("progress", counts) about once a second while it runs, then
+    ("done", fn's result) or ("failed", error). Exceptions come back as values so one bad unit never kills
+    the job. The unit runs in a thread so that this generator can report while it works."""
+    global _progress
+    _die_with_raylet()
+    io.commit_check = _check_job_alive
+    outcome: list[tuple[str, Any]] = []
+
+    def work() -> None:
+        try:
+            outcome.append(("done", fn(args)))
+        except Exception as exc:  # noqa: BLE001 - any failure of a unit is recorded, not raised
+            outcome.append(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+
+    with _progress_lock:
+        _progress = Counter()
+    thread = threading.Thread(target=work, name="m3w-unit", daemon=True)
+    thread.start()
+    while True:
+        thread.join(PROGRESS_INTERVAL_S)
+        finished = not thread.is_alive()
+        if counts := _take_progress():
+            yield "progress", counts
+        if finished:
+            break
+    with _progress_lock:
+        _progress = None
+    yield outcome[0]
+
+
+# ---------------------------------------------------------------------------------------------------- driver
 
 
 @dataclass(frozen=True)
@@ -69,12 +334,17 @@ class RunSummary:
     failures: dict[str, str]
 
 
-def _call(fn: Callable[[Any], tuple[str | None, dict[str, int]]], args: Any) -> tuple[str, Any]:
-    """Run one unit inside a worker. Exceptions come back as values so one bad unit never kills the job."""
-    try:
-        return "done", fn(args)
-    except Exception as exc:  # noqa: BLE001 - any failure of a unit is recorded, not raised
-        return "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+def _format_progress(progress: Counter, counts: Counter, rate_key: str | None, elapsed: float) -> str:
+    """'1,234 pages (410/s), 56.7 MB (19.0 MB/s), 12.5 documents/s': live progress, then the finished rate."""
+    parts = []
+    for key, value in sorted(progress.items()):
+        if key.endswith("bytes"):
+            parts.append(f"{value / 1e6:,.1f} MB ({value / 1e6 / elapsed:.1f} MB/s)")
+        else:
+            parts.append(f"{value:,} {key} ({value / elapsed:.0f}/s)")
+    if rate_key:
+        parts.append(f"{counts[rate_key] / elapsed:.1f} {rate_key}/s")
+    return ", ".join(parts)
 
 
 def run_units(
@@ -93,7 +363,8 @@ def run_units(
     """Run `fn` over the units not yet done in `manifest`, at most `workers` at a time, and record each result.
 
     `fn(args) -> (output_relpath, counts)` must write its output atomically. `rate_key` names the count shown
-    as a rate on the progress bar (e.g. "pages" → pages/s).
+    as a rate on the progress bar (e.g. "pages" → pages/s); counters the unit passes to `report_progress` are
+    shown live, with their rates.
     """
     import ray
 
@@ -106,30 +377,45 @@ def run_units(
         summary.seconds = time.monotonic() - start
         return summary
 
-    remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
+    io.remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
     init_ray(ray_address)
+    started = time.monotonic()  # rates count from here, not from before Ray started
     workers = max(1, workers or int(ray.available_resources().get("CPU", 1)))
-    options: dict[str, Any] = {"num_cpus": num_cpus_per_task, "num_gpus": num_gpus_per_task, "max_retries": 0}
+    # The task name shows in Ray's dashboard and worker logs: which stage a busy worker is running.
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus_per_task,
+        "num_gpus": num_gpus_per_task,
+        "max_retries": 0,
+        "num_returns": "streaming",
+        "name": f"m3w.{desc.split(':')[0].replace(' ', '.')}",
+    }
     if memory_per_task:
         options["memory"] = memory_per_task
-    remote = ray.remote(_call).options(**options)
+    remote = ray.remote(_run_unit).options(**options)
     fn_ref = ray.put(fn)
 
-    pending: dict[Any, Unit] = {}
+    pending: dict[Any, Unit] = {}  # ObjectRefGenerator → unit
+    progress: Counter = Counter()
     queue = list(todo)
+    shown = 0.0  # when the live postfix was last redrawn (tqdm's mininterval governs only update())
     bar = tqdm(total=len(todo), desc=desc, unit="unit", dynamic_ncols=True, mininterval=1.0)
     try:
         while queue or pending:
             while queue and len(pending) < workers:
                 unit = queue.pop(0)
                 pending[remote.remote(fn_ref, unit.args)] = unit
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                unit = pending.pop(ref)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_INTERVAL_S)
+            for stream in ready:
                 try:
-                    status, value = ray.get(ref)
+                    status, value = ray.get(next(stream))
+                except StopIteration:
+                    status, value = "failed", "the worker ended without a result"
                 except Exception as exc:  # noqa: BLE001 - a dead worker (OOM, segfault) fails the unit only
                     status, value = "failed", f"{type(exc).__name__}: {exc}"
+                if status == "progress":
+                    progress.update(value)
+                    continue
+                unit = pending.pop(stream)
                 if status == "done":
                     output, counts = value
                     manifest.done(unit.id, output, counts)
@@ -140,12 +426,15 @@ def run_units(
                     summary.failed += 1
                     summary.failures[unit.id] = value
                 bar.update(1)
-                if rate_key:
-                    elapsed = max(time.monotonic() - start, 1e-9)
-                    bar.set_postfix_str(f"{summary.counts[rate_key] / elapsed:.1f} {rate_key}/s")
+            now = time.monotonic()
+            if (progress or rate_key) and (now - shown >= PROGRESS_INTERVAL_S or not (queue or pending)):
+                shown = now
+                bar.set_postfix_str(
+                    _format_progress(progress, summary.counts, rate_key, max(now - started, 1e-9))
+                )
     finally:
         bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for stream in pending:
+            ray.cancel(stream, force=True)
     summary.seconds = time.monotonic() - start
     return summary

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from m3w.pipeline.io import temp_file
+from m3w.pipeline.io import commit, temp_file
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; a real date keeps `tar tv` readable
 TAR_FORMAT = tarfile.GNU_FORMAT
@@ -110,7 +110,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp, self.out_dir / self._current.name)
+        commit(self._tmp, self.out_dir / self._current.name)
         self._current.bytes = (self.out_dir / self._current.name).stat().st_size
         self.shards.append(self._current)
         self._tar = self._file = self._tmp = self._current = None

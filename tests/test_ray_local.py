@@ -1,0 +1,138 @@
+"""A local `m3w` run on Ray: its own private Ray whatever the machine records, nothing outside loopback, no Ray
+process outliving a killed driver, and one clear line when a cluster cannot be reached. Each test runs the real
+CLI as a subprocess, every Python process of it under the network guard (tests/netguard/sitecustomize.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from ray_procs import (
+    free_port,
+    guard_events,
+    guarded_env,
+    is_loopback,
+    listening_addresses,
+    m3w,
+    session_pids,
+    snapshot,
+    wait_gone,
+)
+
+from m3w.pipeline.manifest import Manifest
+
+SMALL_WARCS = ("postlight_parser.warc.gz", "cleaneval_dev.warc.gz")
+
+
+def _strace_works() -> bool:
+    return (
+        bool(shutil.which("strace")) and subprocess.run(["strace", "-o", os.devnull, "true"]).returncode == 0
+    )
+
+
+def _traced_connects(trace: Path) -> tuple[dict[str, set[str]], set[str]]:
+    """From `strace -f -e trace=connect,execve` output: (executable → IP destinations it connected to, all IPs)."""
+    programs: dict[str, str] = {}
+    by_program: dict[str, set[str]] = {}
+    for line in trace.read_text().splitlines():
+        pid = line.split(maxsplit=1)[0]
+        if m := re.search(r'execve\("([^"]+)"', line):
+            if "= 0" in line or "<unfinished" in line:
+                programs[pid] = Path(m.group(1)).name
+        elif "connect(" in line:
+            for ip in re.findall(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"', line):
+                by_program.setdefault(programs.get(pid, pid), set()).add(ip[0] or ip[1])
+    return by_program, set().union(*by_program.values()) if by_program else set()
+
+
+def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
+    """With Ray's default temp dir recording a dead cluster (a `ray_current_cluster` naming a closed port) and no
+    RAY_ADDRESS, `m3w extract` starts its own Ray in its own temp dir and finishes. No Python process of the run
+    (driver, workers, Ray's agents and monitors) connects or resolves a name outside loopback, nothing listens
+    beyond loopback, no API server starts; with strace, the same holds for raylet and gcs_server."""
+    ray_default_root = tmp_path / "raytmp"  # what Ray reads as its default temp root: RAY_TMPDIR/ray
+    (ray_default_root / "ray").mkdir(parents=True)
+    recorded = ray_default_root / "ray" / "ray_current_cluster"
+    recorded.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    guard_log, trace, out = tmp_path / "netguard.jsonl", tmp_path / "connects.txt", tmp_path / "documents"
+    cmd = m3w("extract", *(str(webcorpus / "warc" / w) for w in SMALL_WARCS), "--out", str(out))
+    if strace := _strace_works():
+        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,execve", "-o", str(trace), *cmd]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(cmd, env=guarded_env(guard_log, RAY_TMPDIR=str(ray_default_root)),
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)  # fmt: skip
+        listening: set[str] = set()
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            listening |= listening_addresses(session_pids(proc.pid))
+            time.sleep(0.2)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("a local run with a dead recorded cluster did not finish in 240 s")
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert len(Manifest(out, "extract").done_units()) == len(SMALL_WARCS)
+
+    starts, blocked = guard_events(guard_log)
+    assert blocked == [], blocked
+    programs = {Path(arg).name for e in starts for arg in e["cmdline"][1:3]}
+    for program in ("m3w.pipeline.cli", "default_worker.py", "agent.py", "main.py", "log_monitor.py"):
+        assert program in programs, f"{program} ran without the guard: {programs}"
+    assert "dashboard.py" not in programs  # no API server: it is what probed 169.254.169.254
+    session_dirs = {m.group(1) for e in starts for a in e["cmdline"] if (m := re.match(r"--session-dir=(.+)/session_", a))}  # fmt: skip
+    (temp_dir,) = session_dirs
+    assert Path(temp_dir).parent != ray_default_root / "ray" and not Path(temp_dir).exists()  # own, removed
+    assert recorded.read_text().startswith("127.0.0.1:")
+
+    assert listening and all(is_loopback(a) for a in listening), listening
+    if strace:
+        by_program, ips = _traced_connects(trace)
+        assert {"raylet", "gcs_server"} <= set(by_program), by_program  # native processes were traced
+        assert all(is_loopback(f"{ip}:0") for ip in ips), by_program
+
+
+def test_killed_run_leaves_no_ray_process_and_no_late_file(tmp_path, webcorpus):
+    """`kill -9` of the m3w process group mid-run: every process of the run, Ray workers in their own process
+    groups included, is gone within two seconds, and no file appears or changes in the output folder after."""
+    out = tmp_path / "documents"
+    out.mkdir()
+    warcs = ("trafilatura_eval.warc.gz", "postlight_parser.warc.gz", *SMALL_WARCS[1:])
+    cmd = m3w("extract", *(str(webcorpus / "warc" / w) for w in warcs), "--out", str(out), "--workers", "2")
+    proc = subprocess.Popen(cmd, env=guarded_env(tmp_path / "netguard.jsonl"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not any(out.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # a temp file: a worker is inside a unit
+    assert proc.poll() is None, "the run ended before it could be killed"
+    pids = session_pids(proc.pid)
+    other_groups = {pid for pid in pids if os.getpgid(pid) != proc.pid}
+    assert other_groups, "no Ray worker in a process group of its own: the test would prove nothing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    at_kill = snapshot(out)
+    survivors = wait_gone(pids, timeout=2.0)
+    assert not survivors, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in survivors}
+    time.sleep(3)
+    assert snapshot(out) == at_kill
+    proc.wait(timeout=10)
+
+
+def test_unreachable_cluster_is_one_line_and_exit_2(tmp_path, webcorpus):
+    """RAY_ADDRESS naming a port where no Ray listens: one line naming the cause, exit status 2, no traceback,
+    in seconds (Ray itself retries for minutes)."""
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = subprocess.run(
+        m3w("extract", str(webcorpus / "warc" / SMALL_WARCS[0]), "--out", str(tmp_path / "out")),
+        env=guarded_env(tmp_path / "netguard.jsonl", RAY_ADDRESS=address),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot reach a Ray cluster at {address}" in lines[0] and "RAY_ADDRESS" in lines[0]
+    assert time.monotonic() - started < 60
