@@ -21,9 +21,10 @@ def m3w(*args: str) -> list[str]:
 
 
 def guarded_env(guard_log: Path, **extra: str) -> dict[str, str]:
-    """The environment of a guarded run: every Python process loads tests/netguard/sitecustomize.py. No
-    RAY_ADDRESS and no RAY_AUTH_MODE leak in from the test process (its own Ray sets the latter)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    """The environment of a guarded run: every Python process loads tests/netguard/sitecustomize.py. Nothing
+    about Ray leaks in from the test process, whose own local Ray set some of it."""
+    leaks = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env = {k: v for k, v in os.environ.items() if k not in leaks}
     env.update(PYTHONPATH=f"{NETGUARD}{os.pathsep}{ROOT}", M3W_NETGUARD_LOG=str(guard_log), **extra)
     return env
 

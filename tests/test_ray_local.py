@@ -9,11 +9,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from ray_procs import (
+    ROOT,
     free_port,
     guard_events,
     guarded_env,
@@ -36,19 +39,22 @@ def _strace_works() -> bool:
     )
 
 
-def _traced_connects(trace: Path) -> tuple[dict[str, set[str]], set[str]]:
-    """From `strace -f -e trace=connect,execve` output: (executable → IP destinations it connected to, all IPs)."""
-    programs: dict[str, str] = {}
-    by_program: dict[str, set[str]] = {}
+def _traced_connects(trace: Path) -> dict[str, set[str]]:
+    """From `strace -f -e trace=connect,execve,clone,clone3` output: executable → IPs it connected to. A thread
+    or child belongs to its parent's executable until it runs execve."""
+    program: dict[str, str] = {}
+    connects: dict[str, set[str]] = {}
     for line in trace.read_text().splitlines():
         pid = line.split(maxsplit=1)[0]
         if m := re.search(r'execve\("([^"]+)"', line):
             if "= 0" in line or "<unfinished" in line:
-                programs[pid] = Path(m.group(1)).name
+                program[pid] = Path(m.group(1)).name
+        elif "clone" in line and (m := re.search(r"= (\d+)$", line)):
+            program[m.group(1)] = program.get(pid, pid)
         elif "connect(" in line:
             for ip in re.findall(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"', line):
-                by_program.setdefault(programs.get(pid, pid), set()).add(ip[0] or ip[1])
-    return by_program, set().union(*by_program.values()) if by_program else set()
+                connects.setdefault(program.get(pid, pid), set()).add(ip[0] or ip[1])
+    return connects
 
 
 def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
@@ -60,10 +66,15 @@ def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
     (ray_default_root / "ray").mkdir(parents=True)
     recorded = ray_default_root / "ray" / "ray_current_cluster"
     recorded.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = (Path(tempfile.mkdtemp(prefix="m3w-ray-", dir="/tmp")) for _ in range(2))  # a killed run's
+    (stale / "m3w.pid").write_text(str(dead.pid))  # left-overs go, a running one's stay
+    (live / "m3w.pid").write_text(str(os.getpid()))
     guard_log, trace, out = tmp_path / "netguard.jsonl", tmp_path / "connects.txt", tmp_path / "documents"
     cmd = m3w("extract", *(str(webcorpus / "warc" / w) for w in SMALL_WARCS), "--out", str(out))
     if strace := _strace_works():
-        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,execve", "-o", str(trace), *cmd]
+        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,execve,clone,clone3", "-o", str(trace), *cmd]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(cmd, env=guarded_env(guard_log, RAY_TMPDIR=str(ray_default_root)),
                                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)  # fmt: skip
@@ -88,12 +99,14 @@ def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
     (temp_dir,) = session_dirs
     assert Path(temp_dir).parent != ray_default_root / "ray" and not Path(temp_dir).exists()  # own, removed
     assert recorded.read_text().startswith("127.0.0.1:")
+    assert not stale.exists() and live.exists()
+    shutil.rmtree(live)
 
     assert listening and all(is_loopback(a) for a in listening), listening
     if strace:
-        by_program, ips = _traced_connects(trace)
-        assert {"raylet", "gcs_server"} <= set(by_program), by_program  # native processes were traced
-        assert all(is_loopback(f"{ip}:0") for ip in ips), by_program
+        connects = _traced_connects(trace)
+        assert {"raylet", "gcs_server"} <= set(connects), connects  # the native processes were traced too
+        assert all(is_loopback(f"{ip}:0") for ips in connects.values() for ip in ips), connects
 
 
 def test_killed_run_leaves_no_ray_process_and_no_late_file(tmp_path, webcorpus):
@@ -136,3 +149,52 @@ def test_unreachable_cluster_is_one_line_and_exit_2(tmp_path, webcorpus):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"cannot reach a Ray cluster at {address}" in lines[0] and "RAY_ADDRESS" in lines[0]
     assert time.monotonic() - started < 60
+
+
+LATE_WRITER = """
+import os, sys, time
+import ray
+from m3w.pipeline.ray_runner import init_ray
+
+init_ray(sys.argv[1])
+
+@ray.remote
+class LateWriter:
+    def write_later(self, path, delay):
+        from m3w.pipeline import io, ray_runner
+        io.commit_check = ray_runner._check_job_alive  # what every m3w unit runs under
+        time.sleep(delay)
+        try:
+            with io.atomic_open(path, "w") as f:
+                f.write("late")
+        except RuntimeError as exc:
+            with open(path + ".refused", "w") as f:
+                f.write(str(exc))
+
+writer = LateWriter.options(name=sys.argv[3], namespace="m3w-tests", lifetime="detached").remote()
+ray.get(writer.__ray_ready__.remote())
+writer.write_later.remote(sys.argv[2], 3.0)
+time.sleep(0.5)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_worker_outliving_its_driver_commits_nothing(tmp_path, ray_address):
+    """On a cluster the workers of a killed driver live on other machines: Ray kills them once it learns the
+    job ended, and until then they must not publish output. A detached actor outlives its driver by design;
+    its commit after the driver's `kill -9` is refused, the temp file removed."""
+    import ray
+
+    target, name = tmp_path / "late.txt", f"late-{os.getpid()}"
+    driver = subprocess.run([sys.executable, "-c", LATE_WRITER, ray_address, str(target), name],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert driver.returncode == -signal.SIGKILL, driver.stderr[-2000:]
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{target}.refused").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "its driver died" in Path(f"{target}.refused").read_text()
+        assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["late.txt.refused"]
+    finally:
+        ray.kill(ray.get_actor(name, namespace="m3w-tests"))

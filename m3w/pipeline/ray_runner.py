@@ -34,6 +34,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -54,6 +55,8 @@ LOOPBACK = "127.0.0.1"
 # Ray puts unix sockets under the temp dir (`<dir>/session_<date>_<pid>/sockets/plasma_store`); a socket path
 # may not exceed 107 bytes, so the private temp dir must stay short.
 MAX_TEMP_DIR_CHARS = 40
+TEMP_DIR_PREFIX = "m3w-ray-"
+OWNER_FILE = "m3w.pid"  # in a local Ray's temp dir: the pid of the m3w process that owns it
 CONNECT_TIMEOUT_S = 10.0
 PROGRESS_INTERVAL_S = 1.0  # how often a running unit sends its progress counters to the driver
 AUTH_TOKEN_VARS = "RAY_AUTH_TOKEN_PATH (a file holding the token) or RAY_AUTH_TOKEN"
@@ -96,11 +99,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def _private_temp_dir() -> str:
     """A fresh temp dir for one local Ray: under Ray's own temp root (RAY_TMPDIR, TMPDIR) when the socket paths
-    fit, else under /tmp. Removed when the process exits."""
+    fit, else under /tmp. Removed when the process exits; those of killed runs go at the next start."""
     root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
     if len(os.path.join(root, "m3w-ray-xxxxxxxx")) > MAX_TEMP_DIR_CHARS or not os.access(root, os.W_OK):
         root = "/tmp"
-    return tempfile.mkdtemp(prefix="m3w-ray-", dir=root)
+    for stale in Path(root).glob(f"{TEMP_DIR_PREFIX}*"):
+        if _owner_is_gone(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_DIR_PREFIX, dir=root)
+    Path(temp_dir, OWNER_FILE).write_text(str(os.getpid()))
+    return temp_dir
+
+
+def _owner_is_gone(temp_dir: Path) -> bool:
+    """Whether the m3w process that made this temp dir has exited (a dir of another user, or one still being
+    set up, is never touched)."""
+    try:
+        if temp_dir.stat().st_uid != os.getuid():
+            return False
+        pid = int(Path(temp_dir, OWNER_FILE).read_text())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # no owner file yet, another user's process, ...
+        return False
+    return False
 
 
 @contextlib.contextmanager
