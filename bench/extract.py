@@ -80,13 +80,14 @@ def unit_with_rss(args: tuple[str, str, dict]) -> tuple[dict[str, int], float, f
 
 
 def ray_run(warcs: list[str], workers: int = 2) -> tuple[int, float, float, float, float]:
-    """(pages, summed worker CPU s, wall s, MB read, max worker peak RSS MB) on a local Ray."""
+    """(pages, summed worker CPU s, wall s, MB read, max worker peak RSS MB) on a private local Ray of `workers`
+    CPUs (never RAY_ADDRESS's cluster: the figures are per local worker)."""
     import ray
 
     from m3w.pipeline.extract import to_dict
     from m3w.pipeline.ray_runner import init_ray
 
-    init_ray(num_cpus=workers)
+    init_ray("local", num_cpus=workers)
     remote = ray.remote(unit_with_rss).options(num_cpus=1)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = []

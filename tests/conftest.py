@@ -32,13 +32,13 @@ def webcorpus() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    """One local Ray for the whole test session (ray.init takes seconds). Yields its GCS address, so CLI
-    subprocesses can join the same Ray with `--ray-address`."""
+    """One private local Ray for the whole test session (ray.init takes seconds), whatever RAY_ADDRESS says.
+    Yields its GCS address, so CLI subprocesses can join the same Ray with `--ray-address`."""
     import ray
 
     from m3w.pipeline.ray_runner import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray("local", num_cpus=2)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

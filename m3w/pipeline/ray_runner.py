@@ -150,6 +150,10 @@ def _start_local_ray(num_cpus: int | None) -> None:
     import ray
 
     _single_node_mode()
+    # Ray's default for a new local Ray, said explicitly so Ray does not warn about it on every run: other users
+    # of this machine cannot reach its loopback ports without the token (~/.ray/auth_token, made if missing).
+    if os.environ.get("RAY_AUTH_MODE") is None:
+        _enable_token_auth()
     temp_dir = _private_temp_dir()
     with _without_api_server():
         ray.init(
@@ -191,10 +195,16 @@ def _use_token_if_available() -> None:
     a re-read (`Config.initialize`) both see.
     """
     if os.environ.get("RAY_AUTH_MODE") is None and _token_source():
-        from ray._raylet import Config
+        _enable_token_auth()
 
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")
+
+def _enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and the Ray processes it starts; Ray's C++ config, read once, is
+    re-read so this process's own clients send the token too."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
 
 
 def _check_cluster(address: str) -> None:
