@@ -140,13 +140,9 @@ def _build(corpus: Path, warcs: list[str], image_url: str, run_stages) -> dict[s
     return _outputs(corpus)
 
 
-def _settings(corpus: Path, warcs: list[str]) -> list[str]:
-    return [
-        f"out={corpus}",
-        "extract.crawl=null",
-        f"extract.inputs=[{','.join(warcs)}]",
-        "shards.video_table=null",
-    ]
+def _settings(corpus: Path, warcs: list[str], image_url: str) -> list[str]:
+    return [f"out={corpus}", "extract.crawl=null", f"extract.inputs=[{','.join(warcs)}]",
+            f"images.allow_hosts=[{image_url.removeprefix('http://')}]", "shards.video_table=null"]  # fmt: skip
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
@@ -182,7 +178,7 @@ def test_pipeline_on_two_nodes_matches_local_run(cluster, image_server, webcorpu
 
     warcs = [str(webcorpus / "warc" / w) for w in WARCS]
     corpus = tmp_path / "corpus"
-    settings = _settings(corpus, warcs)
+    settings = _settings(corpus, warcs, image_server)
 
     def local(stages: tuple[str, ...]) -> None:
         config, base = load_build_config(BUILD_CONFIG, [*settings, f"ray_address={ray_address}"])
