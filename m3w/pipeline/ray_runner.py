@@ -8,9 +8,9 @@ shows a progress bar with rates, live while units run (`report_progress`).
 How m3w starts Ray, and why (read from Ray 2.60's source):
 - Local (no address): always a fresh Ray private to this process (`address="local"`: never the cluster a
   `ray_current_cluster` file names), in its own short temp dir, on 127.0.0.1 only, with no API server (see
-  `_without_api_server`), no usage stats. Its processes die with the driver: Ray kills its head processes when
-  the driver dies (parent-death signal), and every worker that ran one of our units asks for the same signal
-  against its raylet, so no worker outlives a `kill -9` of the job.
+  `_without_api_server`), no usage stats. Its processes die with the driver: all of them are in the driver's
+  process group, Ray has the kernel kill its daemons when the driver dies (parent-death signal), and every
+  worker that runs one of our units asks for the same signal against its raylet.
 - Cluster (`--ray-address` / `RAY_ADDRESS`): Ray's token auth is picked up from where `ray start` keeps it
   (`~/.ray/auth_token`, or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN). The cluster is checked with one short gRPC call
   first, so a wrong address or token is one clear `RayConnectError` instead of minutes of retries.
@@ -50,6 +50,9 @@ LOCAL_RAY_ENV = {
     # Single-node mode: Ray keeps 127.0.0.1 as the node address instead of asking which interface routes to
     # 8.8.8.8 (services.get_node_ip_address); the same flag in ray_constants.ENABLE_RAY_CLUSTER.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Workers stay in the driver's process group (Ray 2.60 gives each its own), so `kill -9 -PGID` of an m3w
+    # run ends every process of it in one step, as it does gcs_server, raylet and the agents.
+    "RAY_process_group_cleanup_enabled": "0",
 }
 LOOPBACK = "127.0.0.1"
 # Ray puts unix sockets under the temp dir (`<dir>/session_<date>_<pid>/sockets/plasma_store`); a socket path
@@ -101,7 +104,9 @@ def _private_temp_dir() -> str:
     """A fresh temp dir for one local Ray: under Ray's own temp root (RAY_TMPDIR, TMPDIR) when the socket paths
     fit, else under /tmp. Removed when the process exits; those of killed runs go at the next start."""
     root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    if len(os.path.join(root, "m3w-ray-xxxxxxxx")) > MAX_TEMP_DIR_CHARS or not os.access(root, os.W_OK):
+    if len(os.path.join(root, f"{TEMP_DIR_PREFIX}xxxxxxxx")) > MAX_TEMP_DIR_CHARS or not os.access(
+        root, os.W_OK
+    ):
         root = "/tmp"
     for stale in Path(root).glob(f"{TEMP_DIR_PREFIX}*"):
         if _owner_is_gone(stale):
@@ -220,20 +225,25 @@ def _check_cluster(address: str) -> None:
             gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S, wait_for_ready=False
         )
     except grpc.RpcError as exc:
-        code = exc.code()
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            source = _token_source()
-            if source is None or os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-                raise RayConnectError(
-                    f"the Ray cluster at {address} requires an auth token and none was found: copy the head "
-                    f"node's ~/.ray/auth_token to ~/.ray/auth_token here, or set {AUTH_TOKEN_VARS}"
-                ) from None
+        code, details = exc.code(), (exc.details() or "").splitlines()[:1]
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        if (
+            code == grpc.StatusCode.UNAUTHENTICATED
+            and mode.lower() == "token"
+            and (source := _token_source())
+        ):
             raise RayConnectError(
                 f"the Ray cluster at {address} rejected the auth token from {source}: set {AUTH_TOKEN_VARS} "
                 "to the head node's token (`ray get-auth-token` on the head prints it)"
             ) from None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            why = f"RAY_AUTH_MODE={mode} sends none" if mode and mode.lower() != "token" else "none was found"
+            raise RayConnectError(
+                f"the Ray cluster at {address} requires an auth token and {why}: copy the head node's "
+                f"~/.ray/auth_token to ~/.ray/auth_token here, or set {AUTH_TOKEN_VARS}"
+            ) from None
         raise RayConnectError(
-            f"cannot reach a Ray cluster at {address} ({code.name.lower()}: {exc.details()}): check "
+            f"cannot reach a Ray cluster at {address} ({code.name.lower()}: {' '.join(details)}): check "
             "--ray-address / RAY_ADDRESS, and that `ray start --head` runs there and its port is open"
         ) from None
     finally:
@@ -268,10 +278,9 @@ _progress_lock = threading.Lock()
 def report_progress(**counts: int) -> None:
     """Add to the running unit's live progress (e.g. `pages=1, warc_bytes=n`), shown on the driver's progress
     bar within a second. Costs a dict update; a no-op outside a Ray unit (tests, benchmarks)."""
-    if _progress is None:
-        return
     with _progress_lock:
-        _progress.update(counts)
+        if _progress is not None:
+            _progress.update(counts)
 
 
 def _take_progress() -> dict[str, int]:
@@ -284,8 +293,8 @@ def _take_progress() -> dict[str, int]:
 def _die_with_raylet() -> None:
     """Ask Linux to SIGKILL this worker when its parent, the raylet, dies (set once per worker process).
 
-    Ray workers run in their own process groups, so a `kill -9` of the driver's group does not reach them;
-    without this they notice the dead raylet only at its next health check, seconds later, and keep writing.
+    Without it a worker notices a dead raylet only at its next check, a second or two later, and keeps writing
+    meanwhile: after a `kill -9` of a local driver (which takes its raylet along), or of a cluster's raylet.
     """
     if not sys.platform.startswith("linux") or getattr(_die_with_raylet, "armed", False):
         return
