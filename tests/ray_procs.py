@@ -17,7 +17,7 @@ NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 
 def m3w(*args: str) -> list[str]:
-    return [sys.executable, "-m", "m3w.pipeline.cli", *args]
+    return [sys.executable, "-m", "m3w", *args]
 
 
 def guarded_env(guard_log: Path, **extra: str) -> dict[str, str]:

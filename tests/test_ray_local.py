@@ -93,7 +93,7 @@ def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
     starts, blocked = guard_events(guard_log)
     assert blocked == [], blocked
     programs = {Path(arg).name for e in starts for arg in e["cmdline"][1:3]}
-    for program in ("m3w.pipeline.cli", "default_worker.py", "agent.py", "main.py", "log_monitor.py"):
+    for program in ("m3w", "default_worker.py", "agent.py", "main.py", "log_monitor.py"):
         assert program in programs, f"{program} ran without the guard: {programs}"
     assert "dashboard.py" not in programs  # no API server: it is what probed 169.254.169.254
     session_dirs = {m.group(1) for e in starts for a in e["cmdline"] if (m := re.match(r"--session-dir=(.+)/session_", a))}  # fmt: skip

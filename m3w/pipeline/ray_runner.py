@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 from tqdm import tqdm
 
+from m3w.errors import UserError
 from m3w.pipeline import io
 from m3w.pipeline.manifest import Manifest
 
@@ -65,10 +65,8 @@ PROGRESS_INTERVAL_S = 1.0  # how often a running unit sends its progress counter
 AUTH_TOKEN_VARS = "RAY_AUTH_TOKEN_PATH (a file holding the token) or RAY_AUTH_TOKEN"
 
 
-class RayConnectError(click.ClickException):
-    """Ray could not be reached or refused us: one line naming the likely cause, exit status 2."""
-
-    exit_code = 2
+class RayConnectError(UserError):
+    """Ray could not be reached or refused us: one line naming the likely cause (the CLI exits with status 2)."""
 
 
 def _is_loopback(address: str) -> bool:
