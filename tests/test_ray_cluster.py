@@ -23,8 +23,11 @@ from ray_procs import (
     free_port,
     guard_events,
     guarded_env,
+    is_loopback,
     kill_session,
+    listening_addresses,
     m3w,
+    session_pids,
     snapshot,
 )
 from shards_corpus import image_handler, photo_jpegs, rewrite_image_urls
@@ -61,8 +64,18 @@ class Cluster:
         return guarded_env(self.guard_log, **{"HOME": str(self.home), "RAY_ADDRESS": self.address, **extra})
 
 
+# Ray's CLI, with 127.0.0.1 kept as given. `ray start` swaps a loopback --node-ip-address or --address for the
+# IP that routes outside (services.resolve_ip_for_localhost: "make sure localhost isn't resolved to the loopback
+# ip"), so on a machine with such a route the head would listen beyond loopback and the second node would look
+# for it there. In CI's loopback-only network there is no such route and Ray keeps 127.0.0.1 by itself.
+RAY_CLI = (
+    "import ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; main()"
+)
+
+
 def _ray(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+    return [sys.executable, "-c", RAY_CLI, *args]
 
 
 def _node_ports() -> list[str]:
@@ -206,6 +219,9 @@ def test_pipeline_on_two_nodes_matches_local_run(cluster, image_server, webcorpu
     for node in cluster.nodes:  # two units in flight, one CPU per node: every stage ran on both nodes
         stages = {name.split(".")[1] for name in node.task_names() if name.startswith("m3w.")}
         assert set(STAGES) <= stages, (node.name, node.task_names())
+    for node in cluster.nodes:  # gcs_server, raylets, agents, workers: nothing listens beyond loopback
+        listening = listening_addresses(session_pids(node.proc.pid))
+        assert listening and all(is_loopback(a) for a in listening), (node.name, listening)
     blocked = guard_events(cluster.guard_log)[1]
     assert not [e for e in blocked if e["cmdline"][1:3] == ["-m", "m3w"]], blocked
 
