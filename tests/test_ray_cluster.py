@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from ray_procs import (
-    free_port,
+    free_ports,
     guard_events,
     guarded_env,
     is_loopback,
@@ -80,12 +80,10 @@ def _ray(*args: str) -> list[str]:
 
 def _node_ports() -> list[str]:
     """Every port a node opens, free ones: other Rays on this machine (other tests) must not collide."""
-    return [
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        "--min-worker-port=0", "--max-worker-port=0",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-    ]  # fmt: skip
+    flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")  # fmt: skip
+    return [*(f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))),
+            "--min-worker-port=0", "--max-worker-port=0"]  # fmt: skip
 
 
 def _start_node(name: str, args: list[str], env: dict[str, str], root: Path) -> Node:
@@ -117,11 +115,11 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     guard_log = root / "netguard.jsonl"
     env = guarded_env(guard_log, HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
     subprocess.run(_ray("get-auth-token", "--generate"), env=env, check=True, capture_output=True)
-    port = free_port()
+    port, dashboard_port, client_port = free_ports(3)
     nodes = []
     try:
-        nodes.append(_start_node("head", ["--head", f"--port={port}", f"--dashboard-port={free_port()}",
-                                          f"--ray-client-server-port={free_port()}", "--include-dashboard=false"],
+        nodes.append(_start_node("head", ["--head", f"--port={port}", f"--dashboard-port={dashboard_port}",
+                                          f"--ray-client-server-port={client_port}", "--include-dashboard=false"],
                                  env, root))  # fmt: skip
         nodes.append(
             _start_node("node2", [f"--address=127.0.0.1:{port}"], {**env, "RAY_AUTH_MODE": "token"}, root)
