@@ -352,6 +352,42 @@ def test_main_content_drops_furniture_and_keeps_content_tables():
     ]
 
 
+def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
+    """Credit lines (agency names, "(Foto: ...)", "Crédits photos :"), author bio boxes, affiliate notes and
+    hyphenated furniture names go; a class naming related posts is furniture though it also says "post"; a short
+    paragraph that merely mentions an agency in a sentence of its own stays."""
+    older = (
+        "An older story on the harbour, from the archive of the paper, with a long summary of what it said"
+    )
+    related = "".join(
+        f"<li><a href='/r{i}'>Older story {i}</a><small>{older}.</small></li>" for i in range(3)
+    )
+    body = (
+        f"<article><h1>The wall</h1><figure><img src='/p/wall.jpg' width='900'><figcaption>The harbour wall"
+        f"</figcaption></figure><p>iStock.com</p><p>(Foto: ABr)</p><p>Crédits photos : Bestimage</p>"
+        f"<p>Augusta National/Getty Images</p><p>{PROSE}</p><p>Reuters reported the vote first, citing two "
+        f"council members who asked not to be named.</p><div class='news-letter-section'><p>Sign up: our "
+        f"newsletter brings the week's stories to your inbox every Friday morning.</p></div>"
+        f"<p>{PROSE} End.</p><div class='affiliate-text'><p>We earn a commission when you buy through links "
+        f"on this page, at no cost to you.</p></div><ul class='related_post wp_rp'>{related}</ul>"
+        f"<div class='cbx-Author_InfoContainer'><p>Jane Doe covers local politics and the sea for the paper."
+        f"</p></div></article>"
+    )
+    text = " ".join(n.get("text") or "" for n in page(body))
+    assert "The harbour wall" in text and "End." in text and "Reuters reported the vote first" in text
+    for furniture in (
+        "iStock",
+        "ABr",
+        "Bestimage",
+        "Getty",
+        "newsletter",
+        "commission",
+        "older story",
+        "Jane Doe",
+    ):
+        assert furniture not in text, furniture
+
+
 def test_og_image_title_lang():
     head = (
         '<title> The  wall </title><meta property="og:image" content="/og/lead.jpg">'

@@ -263,7 +263,13 @@ _BOILERPLATE_TOKENS = frozenset(
 _BOILERPLATE_SUBSTRINGS = re.compile(
     r"cookie|consent|gdpr|newsletter|sidebar|breadcrumb|navbar|navigation|social|sharing|sharebar|"
     r"share-?buttons|related|recommend|outbrain|taboola|disqus|advert|sponsor|subscri|signup|signin|login|"
-    r"masthead|pagination|author-?box|comment-?list|comments-?area"
+    r"masthead|pagination|comment-?list|comments-?area|news-?letter|side-?bar|sign-?up|affiliate|"
+    r"author[-_]?(box|bio|info|desc|profile)|about-?(the-?)?author|sabox"
+)
+# Furniture words that win over a content word in the same class value ("related_post", "post-newsletter"):
+# what they name is never the article itself.
+_STRONG_FURNITURE = re.compile(
+    r"related|recommend|outbrain|taboola|news-?letter|cookie|consent|breadcrumb|affiliate"
 )
 _CONTENT_TOKENS = frozenset(
     "article articlebody content main post entry story hentry postbody storybody".split()
@@ -363,14 +369,20 @@ class _Page:
 @functools.lru_cache(maxsize=1 << 16)
 def _name_verdict(names: str) -> tuple[bool, bool]:
     """(names furniture, names content) for a class or id value. Cached: class names repeat endlessly within and
-    across pages."""
+    across pages. A content word wins over a furniture word ("entry share", "documentContent__sharingContainer"),
+    but not over a strong one ("related_post")."""
     tokens = _tokens(names)
-    furniture = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(names.lower()))
+    lowered = names.lower()
+    furniture = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(lowered))
+    if furniture and _STRONG_FURNITURE.search(lowered):
+        return True, False
     return furniture, bool(tokens & _CONTENT_TOKENS)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[bool, bool, int]:
-    """(looks like furniture, is a header, content hint 0/1/2) from an element's tag and attributes."""
+    """(looks like furniture, is a header, content hint 0/1/2) from an element's tag and attributes. Cached: the
+    walk asks once per element with attributes, and a site's templates repeat the same few combinations."""
     role = role.lower()
     hint = 2 if tag in ("article", "main") or role == "main" or itemprop.lower() == "articlebody" else 0
     furniture_name = content_name = False
@@ -408,34 +420,28 @@ class _Walker:
         self._class_mass: dict[str, bool] = {}  # class → whether elements of that class are half the page
 
     # -- elements
-    def _is_furniture(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> tuple[bool, int]:
-        """(drop this subtree, content hint) of an element with attributes or a telling tag. Furniture (by tag,
-        role, class or id; a <header> without the h1) is dropped unless it holds most of the page's text (a
-        "has-sidebar" wrapper around the article), holds the article itself (an <article>, <main>, articleBody
-        or the h1 in a fifth of the page's text), or is one of many like it that together are the page (the
-        posts of a forum thread, each classed "comment")."""
-        cls = attrs.get("class") or ""
-        boiler, header_like, hint = _classify(
-            tag, cls, attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
-        )
-        if not self.options.main_content or hint == 2 or not (boiler or header_like):
-            return False, hint
+    def _is_furniture(self, node: LexborNode, tag: str, cls: str, boiler: bool) -> bool:
+        """Whether to drop the subtree of an element `_classify` calls furniture (`boiler`: by tag, role, class or
+        id) or a header. It is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around
+        the article), holds the article itself (an <article>, <main>, articleBody or the h1 in a fifth of the
+        page's text), or is one of many like it that together are the page (the posts of a forum thread, each
+        classed "comment"); a header is dropped unless it holds the h1."""
         if not boiler and node.css_first("h1") is not None:
-            return False, hint
+            return False
         # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
         chars = _text_size(node)
         total = self.total_chars
         if chars >= 0.5 * total:
-            return False, hint
+            return False
         if chars >= 0.2 * total:
             if node.css_first("article, main, [itemprop=articleBody], h1") is not None:
-                return False, hint
+                return False
             # A big region with few links is prose mislabelled by its class name, not navigation.
             links = sum(_text_size(a) for a in node.css("a"))
-            return links > 0.1 * chars, hint
+            return links > 0.1 * chars
         if chars >= 50 and tag not in BOILERPLATE_TAGS and _UNIT_NAMES.search(cls):
-            return not self._is_page_of_many(cls), hint
-        return True, hint
+            return not self._is_page_of_many(cls)
+        return True
 
     def _is_page_of_many(self, cls: str) -> bool:
         """Whether the elements sharing this exact class hold half the page's text (cached per class)."""
@@ -684,6 +690,7 @@ class _Walker:
         # Locals, not attribute lookups: this loop runs once per DOM node and dominates extraction time.
         pieces, tags, parents, hints = self.pieces, page.tag, page.parent, page.content_hint
         flush, is_furniture = self._flush, self._is_furniture
+        main_content = self.options.main_content
         node = root.first_child
         while True:
             if node is None:
@@ -742,8 +749,16 @@ class _Walker:
                     node = node.next
                     continue
             if attrs or tag in _TAGS_WITH_MEANING:
-                furniture, hint = is_furniture(node, tag, attrs)
-                if furniture:
+                cls = attrs.get("class") or ""
+                boiler, header_like, hint = _classify(
+                    tag, cls, attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
+                )
+                if (
+                    (boiler or header_like)
+                    and hint != 2
+                    and main_content
+                    and is_furniture(node, tag, cls, boiler)
+                ):
                     node = node.next
                     continue
             else:  # the common case (<p>, <li>, <b>): nothing to classify
@@ -873,10 +888,19 @@ def _select_main(
 
 _DATELINE = re.compile(r"\b(19|20)\d\d\b|\b\d{1,2}:\d\d\b")
 _CREDIT = re.compile(
-    r"^\s*((©|\(c\)|foto|photo|bild|image|credit|quelle|source|fuente|crédit|abbildung)s?\b\s*[:/|]"
-    r"|(photo|photograph|picture|image|foto)s? (by|von|de)\b)",
+    r"^[\s(\[]*((©|\(c\)|foto|photo|bild|image|credit|quelle|source|fuente|crédit|abbildung)s?\b"
+    r"( photos?)?\s*[:/|]|(photo|photograph|picture|image|foto)s? (by|von|de)\b)",
     re.I,
 )
+# Picture agencies and wire services: a line of a few words that names one is a photo credit ("iStock.com",
+# "Augusta National/Getty Images", "aja/PAP"), however the site lays it out.
+_AGENCY = re.compile(
+    r"\b(i?stock(photo)?(\.com)?|shutterstock|thinkstock|getty ?images|clipdealer|adobe ?stock|fotolia|"
+    r"depositphotos|123rf|dreamstime|pixabay|unsplash|pexels|imago|picture[- ]alliance|keystone|bestimage|"
+    r"dpa|afp|ap photo|reuters|pap|ansa|efe|epa)\b",
+    re.I,
+)
+CREDIT_WORDS = 5
 PROSE_CHARS = 80
 NOSCRIPT_PAGE_SHARE = 0.4  # a <noscript> holding this share of the page's text is the page, not a fallback
 FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
@@ -886,8 +910,13 @@ LISTING_TEASER_CHARS = 60  # on a listing page, linked text this long is a tease
 
 def _is_meta_line(text: str) -> bool:
     """Datelines, "updated" stamps and photo credits: short lines that frame an article but are not its text."""
-    return len(text) < 80 and (
-        bool(_CREDIT.match(text)) or (len(text.split()) <= 8 and bool(_DATELINE.search(text)))
+    if len(text) >= 80:
+        return False
+    words = len(text.split())
+    return (
+        bool(_CREDIT.match(text))
+        or (words <= 8 and bool(_DATELINE.search(text)))
+        or (words <= CREDIT_WORDS and bool(_AGENCY.search(text)))
     )
 
 
