@@ -1,18 +1,21 @@
-"""The rules of the house (ARCHITECTURE.md) that the imports show: no import cycles, the pipeline and the
-formats never import the model or the trainer, and those two use only the pipeline's shared helpers.
+"""The house as ARCHITECTURE.md describes it: the rules that the imports show (no import cycles, the pipeline
+and the formats never import the model or the trainer, and those two use only the pipeline's shared helpers),
+and the map itself (every module named, every name a module).
 
-Read from the source (every `import`, at module level or inside a function), so a lazy import that closes a
-cycle counts too; `from package import submodule` is an import of the submodule.
+Imports are read from the source (every `import`, at module level or inside a function), so a lazy import that
+closes a cycle counts too; `from package import submodule` is an import of the submodule.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "m3w"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "m3w"
 SHARED_PIPELINE_HELPERS = {"m3w.pipeline.io", "m3w.pipeline.tokenizer"}
 
 
@@ -122,3 +125,54 @@ def test_formats_depend_on_no_stage(graph):
         if target.startswith("m3w.pipeline") and target != "m3w.pipeline.io"
     }
     assert not wrong, sorted(wrong)
+
+
+def code_names(text: str) -> set[str]:
+    """The code paths a document names in backticks: `pipeline/extract.py`, `dedup/`, `m3w/configs/` (not the
+    on-disk folders of a stage's output, which start with an underscore)."""
+    return {
+        name for name in re.findall(r"`([\w./]+)`", text) if name.endswith((".py", "/")) and name[0] != "_"
+    }
+
+
+def checkout_paths(*folders: str) -> set[str]:
+    """Every file and folder under the given folders of the checkout, relative to it, a folder with a trailing
+    slash."""
+    return {
+        path.relative_to(ROOT).as_posix() + ("/" if path.is_dir() else "")
+        for folder in folders
+        for path in (ROOT / folder).rglob("*")
+        if "__pycache__" not in path.parts
+    }
+
+
+def names(name: str, path: str) -> bool:
+    return path == name or path.endswith("/" + name)
+
+
+def test_architecture_names_only_code_that_exists():
+    paths = checkout_paths("m3w", "tests", "bench")
+    named = code_names((ROOT / "ARCHITECTURE.md").read_text())
+    assert len(named) > 30
+    assert not {n for n in named if not any(names(n, p) for p in paths)}
+
+
+def test_architecture_names_every_module():
+    """Each module and subpackage of pipeline/, schemas/, model/ and trainer/ has its place on the map."""
+    named = code_names((ROOT / "ARCHITECTURE.md").read_text())
+    modules = {
+        path.relative_to(ROOT).as_posix() + ("/" if path.is_dir() else "")
+        for package in ("pipeline", "schemas", "model", "trainer")
+        for path in (PACKAGE / package).iterdir()
+        if (path.suffix == ".py" and path.name != "__init__.py") or (path / "__init__.py").exists()
+    }
+    assert len(modules) > 40
+    assert not {m for m in modules if not any(names(n, m) for n in named)}
+
+
+def test_readme_layout_names_folders_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Layout") :].split("```")[1]
+    first_column = {line.split()[0] for line in block.splitlines() if line.startswith("m3w/")}
+    assert {"m3w/cli.py", "m3w/schemas/", "m3w/pipeline/", "m3w/configs/"} <= first_column
+    assert first_column <= checkout_paths("m3w")
