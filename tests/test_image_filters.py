@@ -395,7 +395,7 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     import pyarrow.parquet as pq
 
     from m3w.pipeline.dedup.keys import hash_partition
-    from m3w.pipeline.image_filters.duplicates import duplicate_counts, run_phash_counts, shuffle_keys
+    from m3w.pipeline.image_filters.duplicates import _runs, duplicate_counts, run_phash_counts, shuffle_keys
     from m3w.schemas import images as spec
 
     rng = np.random.default_rng(0)
@@ -416,9 +416,10 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     values, counts = np.unique(every_phash, return_counts=True)
     expected = {int(v): int(c) for v, c in zip(values, counts) if c >= 2}
 
-    key = run_phash_counts(tmp_path, files, ray_address, rows_per_reduce=40)  # 160 index rows: 4 partitions
+    # 5 files of 32 index rows, ≤ 70 rows a task: 3 map tasks (2 + 2 + 1 files), 3 partitions.
+    key = run_phash_counts(tmp_path, files, ray_address, rows_per_task=70)
     counted = tmp_path / "_phash" / "counts" / key
-    assert len(list(counted.glob("*.parquet"))) == 4 and not (counted / "map").exists()  # the shuffle went
+    assert len(list(counted.glob("*.parquet"))) == 3 and not (counted / "map").exists()  # the shuffle went
     assert duplicate_counts(str(tmp_path), key) == expected
     limit = sorted(expected.values())[len(expected) // 2]
     assert duplicate_counts(str(tmp_path), key, limit) == {h: n for h, n in expected.items() if n > limit}
@@ -427,6 +428,9 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     fewer = run_phash_counts(tmp_path, files[:2], ray_address)
     assert fewer != key and not (tmp_path / "_phash" / "counts" / key).exists()
     assert sum(duplicate_counts(str(tmp_path), fewer).values()) < sum(expected.values())
+    # Map tasks read runs of consecutive index files up to the row budget; a file over it alone.
+    assert _runs([32] * 5, 70) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert _runs([100, 1, 1], 70) == [range(0, 1), range(1, 3)] and _runs([], 70) == []
     # The shuffle keys spread the pHashes over the partitions (pHash bits are not uniform), without collisions.
     keys = shuffle_keys(np.arange(0, 4000, dtype=np.int64) << 52)
     assert len(set(keys.tolist())) == 4000

@@ -9,8 +9,9 @@ documents: `dedup.image_url_max_docs`). The counts are kept in the store (`schem
 A corpus-wide group-by on the filter dedup's machinery, so that no task, and not the driver, holds the store's
 pHashes:
 
-    map     one task per index file: the pHashes of its stored images, hash-partitioned on a 64-bit mix of the
-            pHash (pHash bits are far from uniform) into one partitioned file (`filter_cache.write_parts`)
+    map     one task per run of consecutive index files (≤ ROWS_PER_TASK rows: a store has many small index
+            files): the pHashes of their stored images, hash-partitioned on a 64-bit mix of the pHash (pHash bits
+            are far from uniform) into one partitioned file (`filter_cache.write_parts`)
     reduce  one task per partition: that partition of every map file (one byte range of each), counted; the
             map files go once every partition is counted
     read    the pHashes over K (few: the most-used pictures), by the decide step and by the store's readers
@@ -35,7 +36,7 @@ from m3w.schemas import image_duplicates as spec
 from m3w.schemas.filter_cache import read_parts, write_parts
 from m3w.schemas.images import STATUS_OK
 
-ROWS_PER_REDUCE = 4_000_000  # pHashes one reduce task counts (32 MB of int64)
+ROWS_PER_TASK = 4_000_000  # index rows one map task reads, pHashes one reduce task counts (32 MB of int64)
 
 
 def shuffle_keys(phashes: np.ndarray) -> np.ndarray:
@@ -43,9 +44,10 @@ def shuffle_keys(phashes: np.ndarray) -> np.ndarray:
     return mix64(phashes, np.zeros_like(phashes))
 
 
-def map_index_file(index_file: str, out: str, partitions: int) -> int:
-    """Ray task: the pHashes of one index file's stored images, partitioned. Returns their number."""
-    table = parquet_file(index_file).read(columns=["status", "phash"])
+def map_index_files(index_files: Sequence[str], out: str, partitions: int) -> int:
+    """Ray task: the pHashes of some index files' stored images, partitioned. Returns their number."""
+    tables = [parquet_file(f).read(columns=["status", "phash"]) for f in index_files]
+    table = pa.concat_tables(tables)
     table = table.filter(pc.and_(pc.equal(table["status"], STATUS_OK), pc.is_valid(table["phash"])))
     phashes = table.column("phash").to_numpy()
     keys = pa.table({"phash": phashes}, schema=spec.PHASH_KEYS_SCHEMA)
@@ -68,11 +70,22 @@ def counts_key(index_files: Sequence[str | Path]) -> str:
     return stable_hash({"version": spec.SCHEMA_VERSION, "files": sorted(map(str, index_files))})
 
 
+def _runs(sizes: Sequence[int], limit: int) -> list[range]:
+    """Runs of consecutive items whose sizes add up to at most `limit` (an item over it alone)."""
+    runs, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            runs.append(range(start, i))
+            start, total = i, 0
+        total += size
+    return [*runs, range(start, len(sizes))] if sizes else []
+
+
 def run_phash_counts(
     store: str | Path,
     index_files: Sequence[str | Path],
     ray_address: str | None = None,
-    rows_per_reduce: int = ROWS_PER_REDUCE,
+    rows_per_task: int = ROWS_PER_TASK,
 ) -> str:
     """Count the pHashes of the stored images of `index_files` (map and reduce as Ray tasks); returns the key
     of the counts (`schemas.image_duplicates.counts_dir`). Cached: the same index files are counted once."""
@@ -84,12 +97,14 @@ def run_phash_counts(
     directory = spec.counts_dir(store, key)
     if spec.done_partitions(directory) is not None:
         return key
-    rows = sum(parquet_file(str(f)).metadata.num_rows for f in index_files)  # footers: an upper bound
-    partitions = max(1, math.ceil(rows / rows_per_reduce))
+    files = [str(f) for f in index_files]
+    rows = [parquet_file(f).metadata.num_rows for f in files]  # footers: an upper bound of the stored images
+    partitions = max(1, math.ceil(sum(rows) / rows_per_task))
+    runs = _runs(rows, rows_per_task)
     init_ray(ray_address)
-    map_files = [spec.map_file(directory, i) for i in range(len(index_files))]
-    mapper = ray.remote(max_retries=1)(map_index_file)
-    ray.get([mapper.remote(str(f), out, partitions) for f, out in zip(index_files, map_files)])
+    map_files = [spec.map_file(directory, i) for i in range(len(runs))]
+    mapper = ray.remote(max_retries=1)(map_index_files)
+    ray.get([mapper.remote([files[i] for i in run], out, partitions) for run, out in zip(runs, map_files)])
     reducer = ray.remote(max_retries=1)(count_partition)
     ray.get(
         [reducer.remote(map_files, p, partitions, spec.counts_file(directory, p)) for p in range(partitions)]
