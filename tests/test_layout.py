@@ -176,3 +176,15 @@ def test_readme_layout_names_folders_that_exist():
     first_column = {line.split()[0] for line in block.splitlines() if line.startswith("m3w/")}
     assert {"m3w/cli.py", "m3w/schemas/", "m3w/pipeline/", "m3w/configs/"} <= first_column
     assert first_column <= checkout_paths("m3w")
+
+
+def test_readme_cli_reference_names_every_command():
+    from m3w.cli import COMMANDS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## CLI reference") :].split("\n## ")[0]
+    documented = set(re.findall(r"^\| `m3w (\w+)", table, flags=re.MULTILINE))
+    assert documented == set(COMMANDS), (
+        sorted(set(COMMANDS) - documented),
+        sorted(documented - set(COMMANDS)),
+    )
