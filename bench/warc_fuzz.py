@@ -131,30 +131,41 @@ DAMAGE = (
 )  # fmt: skip
 
 
-def build(path: Path, records: list, responses: int, damage: float, rng: random.Random) -> Counter:
+BROKEN_MEMBER = ("corrupt_member", "truncated_member")  # the record's own gzip member cannot be inflated
+
+
+def build(
+    path: Path, records: list, responses: int, damage: float, rng: random.Random
+) -> tuple[Counter, set[str], set[str]]:
+    """Write a fuzz WARC. Returns (damage kinds, ids of all responses, ids of those in broken gzip members)."""
     kinds: Counter = Counter()
+    ids: set[str] = set()
+    broken: set[str] = set()
     with open(path, "wb") as f:
         for _ in range(responses):
             fields, http, body = rng.choice(records)
-            fields = [(k, f"<urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}>" if k == "WARC-Record-ID" else v)
-                      for k, v in fields]  # fmt: skip
+            record_id = f"<urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}>"
+            fields = [(k, record_id if k == "WARC-Record-ID" else v) for k, v in fields]
+            ids.add(record_id)
             if rng.random() < damage:
                 kind = rng.choice(DAMAGE)
                 kinds[kind] += 1
+                broken.update([record_id] if kind in BROKEN_MEMBER else [])
                 f.write(damaged_member(kind, fields, http, body, rng))
             else:
                 f.write(gzip.compress(warc_bytes(fields, http + b"\r\n\r\n" + body)))
-    return kinds
+    return kinds, ids, broken
 
 
-def read_ours(path: Path) -> tuple[int, int, float]:
-    """(responses read: pages or skips naming a response, damage rows, seconds)."""
-    read = damage = 0
+def read_ours(path: Path) -> tuple[set[str], int, float]:
+    """(ids of the responses read: pages or skips naming the record, damage rows, seconds)."""
+    read: set[str] = set()
+    damage = 0
     start = time.perf_counter()
     with open(path, "rb") as f:
         for item in iter_html_records(f, Counter(), 5_000_000):
             if isinstance(item, HtmlRecord) or (isinstance(item, Skip) and item.record_type == "response"):
-                read += 1
+                read.add(item.record_id or "")
             else:
                 damage += 1
     return read, damage, time.perf_counter() - start
@@ -192,19 +203,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for i in range(args.files):
             path = Path(tmp) / f"fuzz-{i}.warc.gz"
-            kinds = build(path, records, args.responses, args.damage, rng)
+            kinds, ids, broken = build(path, records, args.responses, args.damage, rng)
             read, damage, seconds = read_ours(path)
             old = read_fastwarc(path)
-            lost = kinds["corrupt_member"] + kinds["truncated_member"]
+            unaccounted = (
+                ids - broken - read
+            )  # neither a page nor a logged skip, nor hidden by a broken member
             print(f"{path.name}: {args.responses} responses, {sum(kinds.values())} damaged "
                   f"({', '.join(f'{k}={v}' for k, v in sorted(kinds.items()))})")  # fmt: skip
-            print(f"  read {read} ({read / args.responses:.1%}), {damage} damage rows for {lost} records lost in "
-                  f"broken gzip members, {seconds:.1f}s; fastwarc read {old}")  # fmt: skip
-            totals.update(
-                responses=args.responses, read=read, accounted=read + min(damage, lost), fastwarc=old
-            )
+            print(f"  read {len(read & ids)} ({len(read & ids) / args.responses:.1%}), {len(broken)} in broken gzip "
+                  f"members ({damage} damage rows), unaccounted {len(unaccounted)}, {seconds:.1f}s; fastwarc read "
+                  f"{old}")  # fmt: skip
+            totals.update(responses=args.responses, read=len(read & ids), broken=len(broken),
+                          unaccounted=len(unaccounted), fastwarc=old)  # fmt: skip
     print(f"files={args.files} responses={totals['responses']} read={totals['read']} "
-          f"accounted={totals['accounted']} fastwarc_read={totals['fastwarc']}")  # fmt: skip
+          f"in_broken_members={totals['broken']} unaccounted={totals['unaccounted']} "
+          f"fastwarc_read={totals['fastwarc']}")  # fmt: skip
 
 
 if __name__ == "__main__":

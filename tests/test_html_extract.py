@@ -354,8 +354,9 @@ def test_main_content_drops_furniture_and_keeps_content_tables():
 
 def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
     """Credit lines (agency names, "(Foto: ...)", "Crédits photos :"), author bio boxes, affiliate notes and
-    hyphenated furniture names go; a class naming related posts is furniture though it also says "post"; a short
-    paragraph that merely mentions an agency in a sentence of its own stays."""
+    disclaimers, "follow us" prompts, PHP warnings and hyphenated furniture names go; a class naming related
+    posts is furniture though it also says "post". Short paragraphs that merely mention an agency or a social
+    network in a sentence of their own stay."""
     older = (
         "An older story on the harbour, from the archive of the paper, with a long summary of what it said"
     )
@@ -371,10 +372,15 @@ def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
         f"<p>{PROSE} End.</p><div class='affiliate-text'><p>We earn a commission when you buy through links "
         f"on this page, at no cost to you.</p></div><ul class='related_post wp_rp'>{related}</ul>"
         f"<div class='cbx-Author_InfoContainer'><p>Jane Doe covers local politics and the sea for the paper."
-        f"</p></div></article>"
+        f"</p></div><p>Síguenos en Telegram, Instagram, Facebook y Twitter</p><p class='aawp-disclaimer'>Prices "
+        f"last updated on 2 May; links to the shop may earn us a small share of the price.</p><p>He said so on "
+        f"Twitter and Facebook, and then again to the council on Friday, in a long speech.</p><br>"
+        f"<b>Warning</b>: Creating default object from empty value in <b>/www/wp-includes/classes.php</b> on "
+        f"line <b>407</b><br></article>"
     )
     text = " ".join(n.get("text") or "" for n in page(body))
     assert "The harbour wall" in text and "End." in text and "Reuters reported the vote first" in text
+    assert "He said so on Twitter and Facebook" in text
     for furniture in (
         "iStock",
         "ABr",
@@ -384,6 +390,9 @@ def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
         "commission",
         "older story",
         "Jane Doe",
+        "Síguenos",
+        "Prices last updated",
+        "Creating default object",
     ):
         assert furniture not in text, furniture
 

@@ -263,7 +263,7 @@ _BOILERPLATE_TOKENS = frozenset(
 _BOILERPLATE_SUBSTRINGS = re.compile(
     r"cookie|consent|gdpr|newsletter|sidebar|breadcrumb|navbar|navigation|social|sharing|sharebar|"
     r"share-?buttons|related|recommend|outbrain|taboola|disqus|advert|sponsor|subscri|signup|signin|login|"
-    r"masthead|pagination|comment-?list|comments-?area|news-?letter|side-?bar|sign-?up|affiliate|"
+    r"masthead|pagination|comment-?list|comments-?area|news-?letter|side-?bar|sign-?up|affiliate|disclaimer|"
     r"author[-_]?(box|bio|info|desc|profile)|about-?(the-?)?author|sabox"
 )
 # Furniture words that win over a content word in the same class value ("related_post", "post-newsletter"):
@@ -901,6 +901,18 @@ _AGENCY = re.compile(
     re.I,
 )
 CREDIT_WORDS = 5
+# Lines that are the site talking, not the article: "follow us" prompts naming a social network, and the
+# warnings a broken PHP install prints into the page.
+_FOLLOW_PROMPT = re.compile(
+    r"(?=.*\b(facebook|twitter|instagram|telegram|whatsapp|youtube|tiktok|linkedin|pinterest)\b)"
+    r".*\b(follow|folg|sigue|síguenos|siguenos|suivez|rejoignez|seguici|segue|obserwuj|únete|join|abonn|canal|"
+    r"channel|kanal)",
+    re.I,
+)
+FOLLOW_PROMPT_CHARS = 120
+_PHP_WARNING = re.compile(
+    r"(warning|notice|deprecated|strict standards|fatal error|parse error)\s*:.* on line \d+", re.I
+)
 PROSE_CHARS = 80
 NOSCRIPT_PAGE_SHARE = 0.4  # a <noscript> holding this share of the page's text is the page, not a fallback
 FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
@@ -909,7 +921,10 @@ LISTING_TEASER_CHARS = 60  # on a listing page, linked text this long is a tease
 
 
 def _is_meta_line(text: str) -> bool:
-    """Datelines, "updated" stamps and photo credits: short lines that frame an article but are not its text."""
+    """Datelines, "updated" stamps, photo credits, "follow us" prompts and PHP warnings: short lines that frame
+    an article but are not its text."""
+    if _PHP_WARNING.match(text) or (len(text) < FOLLOW_PROMPT_CHARS and _FOLLOW_PROMPT.match(text)):
+        return True
     if len(text) >= 80:
         return False
     words = len(text.split())
