@@ -4,14 +4,19 @@
 
 The single-process run streams the WARCs through the same generator the Ray tasks use (WARC reading included).
 The Ray run gives each of 2 workers its own copy (a symlink) of every input, so both have a whole WARC to chew on.
-The last line is `pages_per_cpu_s=<float> mb_per_s=<float> peak_rss_mb=<float>` for the best of 3
-single-process passes (targets, issue 16: >= 800 pages per CPU-second on an idle machine, <= 1024 MiB per
-worker). CPU seconds, not wall time: on a shared machine the figure still moves with load (caches, SMT
-siblings), so the read + decode + parse floor is printed beside it.
+The anchors issue 16 names run on the same WARC in the same run (`bench/extract_anchors.py`, in their own venv):
+resiliparse's main-content extraction (text only) and trafilatura, each reading the WARC with fastwarc.
+The last line is `pages_per_cpu_s=<float> mb_per_s=<float> peak_rss_mb=<float> resiliparse_pages_per_cpu_s=<float>
+vs_resiliparse=<float> trafilatura_pages_per_cpu_s=<float> vs_trafilatura=<float>` for the best of 3
+single-process passes (targets, issue 16: >= 800 pages per CPU-second on an idle machine, where resiliparse does
+~1,100 and trafilatura ~75; <= 1024 MiB per worker). CPU seconds, not wall time: on a shared machine the figure
+still moves with load (caches, SMT siblings), so the read + decode + parse floor and the anchors' figures from the
+same run are printed beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -23,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.extract_anchors import run_anchor  # noqa: E402
 from m3w.pipeline.extract import ExtractConfig, extract_unit, iter_warc_documents  # noqa: E402
 
 REPEATS = 3
@@ -120,11 +126,19 @@ def main() -> None:
     print(f"  {pages / cpu:.1f} pages/CPU-s, {pages / wall:.1f} pages/s, {size_mb / wall:.2f} MB/s, "
           f"peak RSS {single_rss:.0f} MB")  # fmt: skip
     print(f"  baseline: read + decode + lexbor parse only: {parse_only(warcs):.1f} pages/CPU-s")
+    anchors = json.loads(run_anchor("speed", warcs[0]))
+    resiliparse, trafilatura = anchors["resiliparse_pages_per_cpu_s"], anchors["trafilatura_pages_per_cpu_s"]
+    ours = pages / cpu
+    print(f"  anchors, same run ({Path(warcs[0]).name}, fastwarc reading included): resiliparse main content "
+          f"{resiliparse:.1f} pages/CPU-s (m3w {ours / resiliparse:.2f}x), trafilatura {trafilatura:.1f} "
+          f"({anchors['trafilatura_pages']} pages; m3w {ours / trafilatura:.1f}x)")  # fmt: skip
     r_pages, r_cpu, r_wall, r_mb, r_rss = ray_run(warcs)
     print(f"ray, 2 workers: {r_pages} pages, {r_cpu:.2f} worker CPU-s, {r_wall:.2f} s wall, {r_mb:.1f} MB")
     print(f"  {r_pages / r_cpu:.1f} pages/CPU-s, {r_pages / r_wall:.1f} pages/s, {r_mb / r_wall:.2f} MB/s, "
           f"peak RSS per worker {r_rss:.0f} MB")  # fmt: skip
-    print(f"pages_per_cpu_s={pages / cpu:.1f} mb_per_s={size_mb / wall:.2f} peak_rss_mb={single_rss:.1f}")
+    print(f"pages_per_cpu_s={ours:.1f} mb_per_s={size_mb / wall:.2f} peak_rss_mb={single_rss:.1f} "
+          f"resiliparse_pages_per_cpu_s={resiliparse:.1f} vs_resiliparse={ours / resiliparse:.2f} "
+          f"trafilatura_pages_per_cpu_s={trafilatura:.1f} vs_trafilatura={ours / trafilatura:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ Figures (targets from issue 16 in brackets):
   (`image_identity`) counting as one, and order: the share of expected image pairs kept in page order [>= 0.98].
 - pages with no output: HTTP 200 HTML pages of these sets that yield no document [<= 5].
 
-The last line: `with=<f> without=<f> text_f1=<f> image_recall=<f> image_precision=<f> order=<f> no_output=<n>`.
+The trafilatura snippets are scored for trafilatura 2.3.1 too (the anchor, same pages and scorer; it runs in
+`.venv-extract-anchors`, see bench/extract_anchors.py).
+
+The last line: `with=<f> without=<f> text_f1=<f> image_recall=<f> image_precision=<f> order=<f> no_output=<n>
+trafilatura_with=<f> trafilatura_without=<f>`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.extract_anchors import run_anchor  # noqa: E402
 from m3w.pipeline.extract import ExtractConfig, iter_warc_documents  # noqa: E402
 from m3w.pipeline.html_extract import image_identity  # noqa: E402
 
@@ -56,11 +62,11 @@ def load_truth(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in gzip.open(WEBCORPUS / "groundtruth" / f"{name}.jsonl.gz")]
 
 
-def snippet_rates(docs: dict[str, dict[str, Any]], verbose: bool) -> tuple[float, float]:
+def snippet_rates(texts: dict[str, str], verbose: bool) -> tuple[float, float]:
+    """Share of `with` snippets found in each page's main text (`texts` by URL) and of `without` snippets absent."""
     found = absent = n_with = n_without = 0
     for page in load_truth("trafilatura_eval"):
-        doc = docs.get(page["url"].strip())
-        text = " ".join(document_text(doc).split()) if doc else ""
+        text = " ".join(texts.get(page["url"].strip(), "").split())
         for snippet in page["with"]:
             n_with += 1
             hit = " ".join(snippet.split()) in text
@@ -158,18 +164,27 @@ def main() -> None:
         no_output += missing
         print(f"{name}: {counts['documents']} documents of {counts['html']} HTML pages, no output: {missing} "
               f"({', '.join(f'{k}={v}' for k, v in sorted(counts.items()) if k.startswith('skip.'))})")  # fmt: skip
-    with_rate, without_rate = snippet_rates(docs, verbose)
+    with_rate, without_rate = snippet_rates({url: document_text(doc) for url, doc in docs.items()}, verbose)
+    # The anchor, same pages and scorer: trafilatura 2.3.1's main text (bench/extract_anchors.py, own venv).
+    with tempfile.TemporaryDirectory() as tmp:
+        run_anchor("texts", str(WEBCORPUS / "warc" / "trafilatura_eval.warc.gz"), f"{tmp}/texts.json")
+        anchor = {
+            url.strip(): text for url, text in json.loads(Path(f"{tmp}/texts.json").read_text()).items()
+        }
+    anchor_with, anchor_without = snippet_rates(anchor, verbose=False)
     f1 = cleaneval_f1(docs, verbose)
     first_words, lead_image = postlight_rates(docs)
     recall, precision, order, pages = image_scores(docs, verbose)
-    print(f"trafilatura snippets: with {with_rate:.3f} (>= 0.95), without {without_rate:.3f} (>= 0.90)")
+    print(f"trafilatura snippets: with {with_rate:.3f} (>= 0.95), without {without_rate:.3f} (>= 0.90); "
+          f"trafilatura 2.3.1 itself: with {anchor_with:.3f}, without {anchor_without:.3f}")  # fmt: skip
     print(f"CleanEval text F1: {f1:.3f} (>= 0.93)")
     print(f"postlight: first words {first_words:.3f}, lead image {lead_image:.3f}")
     print(f"content images ({pages} hand-checked pages): recall {recall:.3f} (>= 0.95), precision {precision:.3f} "
           f"(>= 0.85), order {order:.3f} (>= 0.98)")  # fmt: skip
     print(f"pages with no output: {no_output} (<= 5)")
     print(f"with={with_rate:.3f} without={without_rate:.3f} text_f1={f1:.3f} image_recall={recall:.3f} "
-          f"image_precision={precision:.3f} order={order:.3f} no_output={no_output}")  # fmt: skip
+          f"image_precision={precision:.3f} order={order:.3f} no_output={no_output} "
+          f"trafilatura_with={anchor_with:.3f} trafilatura_without={anchor_without:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
