@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,13 +50,25 @@ def crawl_args(cc_crawl, out: Path, ray_address: str) -> list[str]:
 @pytest.fixture(scope="module")
 def crawl_out(tmp_path_factory, cc_crawl, ray_address) -> Path:
     """All webcorpus WARCs extracted over HTTP by the CLI, joined to the test session's Ray."""
-    out = tmp_path_factory.mktemp("documents")
+    out = tmp_path_factory.mktemp("crawl") / "documents"
     proc = subprocess.run(
         crawl_args(cc_crawl, out, ray_address), env=cli_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "documents/s" in proc.stderr  # the progress bar shows a page rate
+    (out.parent / "stderr.txt").write_text(proc.stderr)
     return out
+
+
+def test_progress_counts_pages_and_megabytes(crawl_out, webcorpus):
+    """The progress bar counts the HTML pages and the WARC bytes read inside each WARC (a Common Crawl WARC is
+    ~1 GB: minutes per unit), not only finished WARCs; its last state adds up to the whole crawl."""
+    stderr = (crawl_out.parent / "stderr.txt").read_text()
+    pages = re.findall(r"([\d,]+) pages \(\d+/s\)", stderr)
+    megabytes = re.findall(r"([\d,.]+) MB \([\d.]+ MB/s\)", stderr)
+    assert pages and megabytes and "documents/s" in stderr, stderr[-2000:]
+    assert int(pages[-1].replace(",", "")) == WEBCORPUS_PAGES
+    warc_bytes = sum(p.stat().st_size for p in (webcorpus / "warc").glob("*.warc.gz"))
+    assert megabytes[-1] == f"{warc_bytes / 1e6:,.1f}"
 
 
 def test_all_webcorpus_pages_over_http_with_counts(crawl_out, cc_crawl):

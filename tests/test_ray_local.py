@@ -4,6 +4,7 @@ CLI as a subprocess, every Python process of it under the network guard (tests/n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -174,7 +175,7 @@ def test_unreachable_cluster_is_one_line_and_exit_2(tmp_path, webcorpus):
 
 
 LATE_WRITER = """
-import os, sys, time
+import json, os, sys, time
 import ray
 from m3w.pipeline.ray_runner import init_ray
 
@@ -184,14 +185,21 @@ init_ray(sys.argv[1])
 class LateWriter:
     def write_later(self, path, delay):
         from m3w.pipeline import io, ray_runner
-        io.commit_check = ray_runner._check_job_alive  # what every m3w unit runs under
-        time.sleep(delay)
-        try:
-            with io.atomic_open(path, "w") as f:
-                f.write("late")
-        except RuntimeError as exc:
-            with open(path + ".refused", "w") as f:
-                f.write(str(exc))
+
+        def publish_late():  # the body of an m3w task: a local file, then an object on a remote filesystem
+            time.sleep(delay)
+            refused = []
+            for publish in (lambda: io.write_bytes(path, b"late"),
+                            lambda: io.write_bytes("memory://m3w-tests/late.txt", b"late")):
+                try:
+                    publish()
+                except RuntimeError as exc:
+                    refused.append(str(exc))
+            with open(path + ".part", "w") as f:
+                json.dump(refused, f)
+            os.replace(path + ".part", path + ".refused")  # whole when the test sees it
+
+        ray_runner.ray_task(publish_late)()
 
 writer = LateWriter.options(name=sys.argv[3], namespace="m3w-tests", lifetime="detached").remote()
 ray.get(writer.__ray_ready__.remote())
@@ -204,7 +212,7 @@ os.kill(os.getpid(), 9)
 def test_a_worker_outliving_its_driver_commits_nothing(tmp_path, ray_address):
     """On a cluster the workers of a killed driver live on other machines: Ray kills them once it learns the
     job ended, and until then they must not publish output. A detached actor outlives its driver by design;
-    its commit after the driver's `kill -9` is refused, the temp file removed."""
+    its commits after the driver's `kill -9` (a local rename, a remote PUT) are refused, the temp file removed."""
     import ray
 
     target, name = tmp_path / "late.txt", f"late-{os.getpid()}"
@@ -216,7 +224,8 @@ def test_a_worker_outliving_its_driver_commits_nothing(tmp_path, ray_address):
         deadline = time.monotonic() + 30
         while not Path(f"{target}.refused").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "its driver died" in Path(f"{target}.refused").read_text()
+        refused = json.loads(Path(f"{target}.refused").read_text())
+        assert len(refused) == 2 and all("its driver died" in why for why in refused), refused
         assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["late.txt.refused"]
     finally:
         ray.kill(ray.get_actor(name, namespace="m3w-tests"))

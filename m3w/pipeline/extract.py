@@ -80,11 +80,17 @@ def iter_warc_documents(
         return Skip(reason, record.offset, record.length, record.record_id, "response", record.url, detail)
 
     with open_input(warc_path) as stream:
-        read = 0  # bytes of the file behind us, for the live progress (a Common Crawl WARC is ~1 GB: minutes)
+        # Live progress: HTML pages (the reader's `html` count) and bytes of the file behind us, reported as
+        # they go by (a Common Crawl WARC is ~1 GB and takes minutes).
+        reported = {"pages": counts["html"], "warc_bytes": 0}
+
+        def progress() -> None:
+            now = {"pages": counts["html"], "warc_bytes": stream.tell()}
+            report_progress(**{key: value - reported[key] for key, value in now.items()})
+            reported.update(now)
+
         for record in iter_html_records(stream, counts, options.max_html_bytes, config.warc):
-            position = stream.tell()
-            report_progress(pages=int(isinstance(record, HtmlRecord)), warc_bytes=position - read)
-            read = position
+            progress()
             if isinstance(record, Skip):
                 skipped(record)
                 continue
@@ -125,7 +131,7 @@ def iter_warc_documents(
                 "html_bytes": len(record.body),
                 "nodes": page.nodes,
             }
-        report_progress(warc_bytes=stream.tell() - read)  # the records after the last HTML page
+        progress()  # the records after the last one yielded
 
 
 def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, int]]:

@@ -58,8 +58,9 @@ def remove_temp_files(directory: str | Path) -> int:
     return removed
 
 
-# Called just before an output is renamed into place (`commit`). Ray workers set it (ray_runner) to a check that
-# raises once their job's driver is gone, so a worker outliving a killed job never publishes a file.
+# Called just before an output is published (renamed into place by `commit`, or PUT by `write_bytes`). Ray workers
+# set it (ray_runner) to a check that raises once their job's driver is gone, so a worker outliving a killed job
+# never publishes a file.
 commit_check: Callable[[], None] | None = None
 
 
@@ -153,7 +154,9 @@ def write_bytes(url: str | Path, data: bytes) -> None:
     """Write a whole file at once (atomically: all or nothing)."""
     if is_remote(url):
         fs, path = url_to_fs(url)
-        fs.pipe_file(path, data)  # one PUT: the object appears whole
+        if commit_check is not None:
+            commit_check()
+        fs.pipe_file(path, data)  # one PUT: the object appears whole, published
         return
     with atomic_open(local_path(url), "wb") as f:
         f.write(data)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -62,6 +63,7 @@ TEMP_DIR_PREFIX = "m3w-ray-"
 OWNER_FILE = "m3w.pid"  # in a local Ray's temp dir: the pid of the m3w process that owns it
 CONNECT_TIMEOUT_S = 10.0
 PROGRESS_INTERVAL_S = 1.0  # how often a running unit sends its progress counters to the driver
+TaskFn = TypeVar("TaskFn", bound=Callable[..., Any])
 AUTH_TOKEN_VARS = "RAY_AUTH_TOKEN_PATH (a file holding the token) or RAY_AUTH_TOKEN"
 
 
@@ -322,13 +324,30 @@ def _check_job_alive() -> None:
         raise RuntimeError(f"job {job_id} is gone (its driver died): output not committed")
 
 
+def _arm_worker() -> None:
+    """What every m3w Ray task runs first: it dies with its raylet, and commits outputs only while its job lives."""
+    _die_with_raylet()
+    io.commit_check = _check_job_alive
+
+
+def ray_task(fn: TaskFn) -> TaskFn:
+    """`fn` as the body of a Ray task of m3w (`ray.remote(...)(ray_task(fn))`), armed like every unit of
+    `run_units`: no output of it is published after its driver died."""
+
+    @functools.wraps(fn)
+    def armed(*args: Any, **kwargs: Any) -> Any:
+        _arm_worker()
+        return fn(*args, **kwargs)
+
+    return armed  # type: ignore[return-value]
+
+
 def _run_unit(fn: Callable[[Any], tuple[str | None, dict[str, int]]], args: Any) -> Iterator[tuple[str, Any]]:
     """Ray streaming task: run one unit, yielding ("progress", counts) about once a second while it runs, then
     ("done", fn's result) or ("failed", error). Exceptions come back as values so one bad unit never kills
     the job. The unit runs in a thread so that this generator can report while it works."""
     global _progress
-    _die_with_raylet()
-    io.commit_check = _check_job_alive
+    _arm_worker()
     outcome: list[tuple[str, Any]] = []
 
     def work() -> None:

@@ -32,6 +32,7 @@ from m3w.pipeline.dedup.keys import DOMAIN_PARAGRAPH, IMAGE_FREQUENCY
 from m3w.pipeline.dedup.layout import BANDS, IMAGES, PARAGRAPHS, Layout, SignalsUnit, plan_layout
 from m3w.pipeline.filters.config import DedupConfig
 from m3w.pipeline.io import exists, join, name_of, read_bytes, stable_hash, write_bytes
+from m3w.pipeline.ray_runner import ray_task
 from m3w.schemas.filter_cache import BYTES_READ
 
 DEDUP_VERSION = "m3w.filter-dedup/2"
@@ -146,7 +147,7 @@ class _Graph:
 
         self.ray = ray
         self.layout = layout
-        self.remote = ray.remote(num_cpus=1, max_retries=1)(_task)
+        self.remote = ray.remote(num_cpus=1, max_retries=1)(ray_task(_task))
         self.layout_ref = ray.put(layout)
         self.refs: list[Any] = []
 

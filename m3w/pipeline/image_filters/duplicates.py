@@ -91,7 +91,7 @@ def run_phash_counts(
     of the counts (`schemas.image_duplicates.counts_dir`). Cached: the same index files are counted once."""
     import ray
 
-    from m3w.pipeline.ray_runner import init_ray
+    from m3w.pipeline.ray_runner import init_ray, ray_task
 
     key = counts_key(index_files)
     directory = spec.counts_dir(store, key)
@@ -103,9 +103,9 @@ def run_phash_counts(
     runs = _runs(rows, rows_per_task)
     init_ray(ray_address)
     map_files = [spec.map_file(directory, i) for i in range(len(runs))]
-    mapper = ray.remote(max_retries=1)(map_index_files)
+    mapper = ray.remote(max_retries=1)(ray_task(map_index_files))
     ray.get([mapper.remote([files[i] for i in run], out, partitions) for run, out in zip(runs, map_files)])
-    reducer = ray.remote(max_retries=1)(count_partition)
+    reducer = ray.remote(max_retries=1)(ray_task(count_partition))
     ray.get(
         [reducer.remote(map_files, p, partitions, spec.counts_file(directory, p)) for p in range(partitions)]
     )
