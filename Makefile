@@ -37,6 +37,7 @@ $(OPENFLAMINGO):
 bench: setup $(OPENFLAMINGO)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/images.py
 	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/model_step.py

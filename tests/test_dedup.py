@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 
 from m3w.config import load_config
-from m3w.pipeline.dedup import load_unit_drops, run_dedup
+from m3w.pipeline.dedup import load_unit_drops, plan, run_dedup
 from m3w.pipeline.dedup.keys import date_key, group_partition, hash_partition, id_key
 from m3w.pipeline.dedup.layout import Layout, SignalsUnit, plan_layout
 from m3w.pipeline.dedup.pairs import cluster_file, cluster_round
@@ -448,7 +449,11 @@ def test_partitioned_files_and_drop_lists_go_through_fsspec(corpus):
 
 
 def test_partition_counts_follow_the_corpus_or_the_config():
-    """`num_partitions: 0` gives each kind of key one reduce task per `reducer_rows` rows; N gives N to all."""
+    """`num_partitions: 0` gives each kind of key one reduce task per `reducer_rows` rows; N gives N to all, as
+    the shipped filters.yaml says (issue 13, defect 5: it said "one per MinHash band", which no code did)."""
+    shipped = (ROOT / "m3w" / "configs" / "filters.yaml").read_text()
+    (line,) = [line for line in shipped.splitlines() if line.strip().startswith("num_partitions:")]
+    assert "0 = one per `reducer_rows` key rows of that kind" in line and "one per MinHash band" not in line
     units = [SignalsUnit(f"u{i}", f"/x/u{i}.parquet", 1000, 14_000, 3_000, 37_000) for i in range(10)]
     auto = plan_layout("/x", units, DedupConfig(reducer_rows=50_000, group_documents=3_000))
     assert auto.partitions == {
@@ -463,6 +468,16 @@ def test_partition_counts_follow_the_corpus_or_the_config():
     fixed = plan_layout("/x", units, DedupConfig(num_partitions=5, same_url=False, near_duplicates=False))
     assert fixed.exact == ("dedup.exact_text", "dedup.same_image_set")
     assert set(fixed.partitions.values()) == {5} and fixed.partitions["bands"] == 5
+
+
+def test_readme_states_what_a_crawl_needs_from_the_plan():
+    """README's "Scale" table is `m3w.pipeline.dedup.plan`'s output (141 M and 41 B documents), and the plan
+    has costs for every kind of reduce task a dedup run makes."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- scale-plan -->\n", 1)[1].split("\n<!-- /scale-plan -->", 1)[0]
+    assert table == plan.markdown()
+    layout = plan_layout("/x", [SignalsUnit("u", "/x/u.parquet", 1000)], DedupConfig())
+    assert set(plan.MEASURED["rows_per_document"]) == set(layout.partitions)
 
 
 # ------------------------------------------------------------------------------------------------ pieces

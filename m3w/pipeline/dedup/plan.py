@@ -13,34 +13,34 @@ import sys
 from dataclasses import dataclass
 
 from m3w.pipeline.dedup.keys import EXACT_RULES
-from m3w.pipeline.dedup.layout import BANDS, IMAGES, PARAGRAPHS
+from m3w.pipeline.dedup.layout import BANDS, IMAGES, PARAGRAPHS, partitions_for
 from m3w.pipeline.filters.config import DedupConfig
 
 # A Common Crawl WARC file holds ~30 k HTML pages (CC-MAIN-2024-22: 2.7 B pages in 90 k files): one unit each.
 UNIT_DOCUMENTS = 30_000
 
-# bench/scale.py at 1 M documents (10 k per unit), Ray on 2 CPUs: key rows per document of each kind (the corpus
-# is calibrated on the webcorpus), bytes per document, and the peak RSS of each kind of task as a worker
-# baseline plus bytes per row it holds (rows: key rows for a reducer, documents for the others).
+# bench/scale.py at 1 M documents (10 k per unit), Ray on 2 CPUs, 2026-12-01: key rows per document of each kind
+# (the corpus is calibrated on the webcorpus), bytes per document, and the peak RSS of each kind of task as a
+# worker baseline plus bytes per row it holds (rows: key rows for a reducer, documents for the others).
 MEASURED = {
     "rows_per_document": {
         "dedup.same_url": 1.0,
         "dedup.exact_text": 1.03,
         "dedup.same_image_set": 0.87,
         BANDS: 14.0,
-        IMAGES: 3.34,
-        PARAGRAPHS: 35.3,
+        IMAGES: 3.35,
+        PARAGRAPHS: 34.84,
     },
-    "signal_bytes_per_document": 1731,
-    "key_bytes_per_document": 554,
-    "read_bytes_per_document": 3570,
-    "worker_baseline_bytes": 290 << 20,
-    "bytes_per_row": {"exact": 480, BANDS: 106, IMAGES: 100, PARAGRAPHS: 130},
-    "map_bytes_per_document": 9_700,
-    "group_bytes_per_document": 400,
-    "decide_bytes": 363 << 20,  # streams its unit: flat in the unit's size
-    "cluster_rounds": 2,
-    "near_pairs_per_document": 0.12,
+    "signal_bytes_per_document": 1733,
+    "key_bytes_per_document": 577,
+    "read_bytes_per_document": 3650,
+    "worker_baseline_bytes": 344838144,
+    "bytes_per_row": {"exact": 175, BANDS: 36, IMAGES: 97, PARAGRAPHS: 101},
+    "map_bytes_per_document": 5235,
+    "group_bytes_per_document": 1529,
+    "decide_bytes": 405430272,  # streams its unit: flat in the unit's size
+    "cluster_rounds": 3,
+    "near_pairs_per_document": 0.051,
 }
 
 
@@ -64,7 +64,7 @@ def needs(documents: int, config: DedupConfig | None = None) -> list[Need]:
     out = [Need("map (unit)", units, base + UNIT_DOCUMENTS * m["map_bytes_per_document"])]
     for kind, per_doc in m["rows_per_document"].items():
         rows = documents * per_doc
-        partitions = math.ceil(rows / config.reducer_rows)
+        partitions = partitions_for(math.ceil(rows), config)
         per_row = m["bytes_per_row"]["exact" if kind in {r.name for r in EXACT_RULES} else kind]
         held = min(rows / partitions, config.reducer_rows)
         out.append(Need(f"reduce {kind} (hash partition)", partitions, int(base + held * per_row)))
@@ -84,7 +84,7 @@ def slices(documents: int, config: DedupConfig | None = None) -> int:
     units = math.ceil(documents / UNIT_DOCUMENTS)
     groups = math.ceil(documents / config.group_documents)
     partitions = {
-        kind: math.ceil(documents * n / config.reducer_rows) for kind, n in m["rows_per_document"].items()
+        kind: partitions_for(math.ceil(documents * n), config) for kind, n in m["rows_per_document"].items()
     }
     exact = [partitions[r.name] for r in EXACT_RULES]
     total = units * sum(partitions.values())  # map → reduce
