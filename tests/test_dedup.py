@@ -61,10 +61,12 @@ def _change_words(doc: dict, n_changes: int) -> dict:
 
 
 def _plant(doc: dict, suffix: str, **changes) -> dict:
+    # The query goes before any #fragment: after it, it would be part of the fragment (the original's URL).
+    page = doc["url"].split("#", 1)[0]
     return {
         **doc,
         "doc_id": f"{doc['doc_id']}-{suffix}",
-        "url": f"{doc['url']}?copy={suffix}",
+        "url": f"{page}{'&' if '?' in page else '?'}copy={suffix}",
         "fetch_date": "2030-01-01T00:00:00Z",
         **changes,
     }
