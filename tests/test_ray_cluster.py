@@ -214,9 +214,14 @@ def test_pipeline_on_two_nodes_matches_local_run(cluster, image_server, webcorpu
     assert sorted(got) == sorted(expected)
     assert not [name for name in expected if got[name] != expected[name]]
 
-    for node in cluster.nodes:  # two units in flight, one CPU per node: every stage ran on both nodes
-        stages = {name.split(".")[1] for name in node.task_names() if name.startswith("m3w.")}
-        assert set(STAGES) <= stages, (node.name, node.task_names())
+    # Two units in flight, one CPU per node: both nodes ran m3w tasks, and every stage ran on the cluster. (Not
+    # every stage on both: the driver reuses a leased worker for its next task, so quick units may all run on one
+    # node.)
+    ran = {
+        node.name: {n.split(".")[1] for n in node.task_names() if n.startswith("m3w.")}
+        for node in cluster.nodes
+    }
+    assert all(ran.values()) and set(STAGES) <= set().union(*ran.values()), ran
     for node in cluster.nodes:  # gcs_server, raylets, agents, workers: nothing listens beyond loopback
         listening = listening_addresses(session_pids(node.proc.pid))
         assert listening and all(is_loopback(a) for a in listening), (node.name, listening)
