@@ -10,6 +10,7 @@ decisions; it never reads a WARC. Last line: `full_s=<float> replay_s=<float> sp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -24,7 +25,8 @@ from m3w.pipeline.filter import run_filter  # noqa: E402
 from m3w.pipeline.filters import FilterConfig  # noqa: E402
 from m3w.pipeline.ray_runner import init_ray  # noqa: E402
 
-DEFAULT_WARC = ROOT.parent / "shared" / "webcorpus" / "warc" / "trafilatura_eval.warc.gz"
+WEBCORPUS = Path(os.environ.get("M3W_WEBCORPUS", ROOT.parent / "shared" / "webcorpus"))
+DEFAULT_WARC = WEBCORPUS / "warc" / "trafilatura_eval.warc.gz"
 
 
 def main() -> None:

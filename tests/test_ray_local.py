@@ -4,6 +4,7 @@ CLI as a subprocess, every Python process of it under the network guard (tests/n
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -71,8 +72,12 @@ def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale, live = (Path(tempfile.mkdtemp(prefix="m3w-ray-", dir="/tmp")) for _ in range(2))  # a killed run's
-    (stale / "m3w.pid").write_text(str(dead.pid))  # left-overs go, a running one's stay
-    (live / "m3w.pid").write_text(str(os.getpid()))
+    # Left-overs go; a running one's stay: its owner file is locked.
+    (stale / "m3w.pid").write_text(str(dead.pid))
+    live_owner = open(live / "m3w.pid", "w")  # noqa: SIM115 - held open (locked) until the run has started
+    fcntl.flock(live_owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    live_owner.write(str(dead.pid))  # as from another PID namespace: no such pid here, but the lock is held
+    live_owner.flush()
     guard_log, trace, out = tmp_path / "netguard.jsonl", tmp_path / "connects.txt", tmp_path / "documents"
     cmd = m3w("extract", *(str(webcorpus / "warc" / w) for w in SMALL_WARCS), "--out", str(out))
     if strace := _strace_works():
@@ -102,6 +107,7 @@ def test_local_run_is_private_and_stays_on_loopback(tmp_path, webcorpus):
     assert Path(temp_dir).parent != ray_default_root / "ray" and not Path(temp_dir).exists()  # own, removed
     assert recorded.read_text().startswith("127.0.0.1:")
     assert not stale.exists() and live.exists()
+    live_owner.close()
     shutil.rmtree(live)
 
     assert listening and all(is_loopback(a) for a in listening), listening

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
@@ -60,7 +61,11 @@ LOOPBACK = "127.0.0.1"
 # may not exceed 107 bytes, so the private temp dir must stay short.
 MAX_TEMP_DIR_CHARS = 40
 TEMP_DIR_PREFIX = "m3w-ray-"
-OWNER_FILE = "m3w.pid"  # in a local Ray's temp dir: the pid of the m3w process that owns it
+# In a local Ray's temp dir: the pid of the m3w process that owns it, a file that process holds locked (flock)
+# for as long as it lives. The lock, not the pid, says whether the owner is alive: a process in another PID
+# namespace sharing /tmp (a container, `unshare --pid`) sees every pid of ours as gone.
+OWNER_FILE = "m3w.pid"
+_owner_lock: Any = None  # this process's locked OWNER_FILE, open until it exits
 CONNECT_TIMEOUT_S = 10.0
 PROGRESS_INTERVAL_S = 1.0  # how often a running unit sends its progress counters to the driver
 TaskFn = TypeVar("TaskFn", bound=Callable[..., Any])
@@ -112,23 +117,34 @@ def _private_temp_dir() -> str:
         if _owner_is_gone(stale):
             shutil.rmtree(stale, ignore_errors=True)
     temp_dir = tempfile.mkdtemp(prefix=TEMP_DIR_PREFIX, dir=root)
-    Path(temp_dir, OWNER_FILE).write_text(str(os.getpid()))
+    _lock_owner_file(Path(temp_dir))
     return temp_dir
 
 
+def _lock_owner_file(temp_dir: Path) -> None:
+    """Write OWNER_FILE locked: it is locked under a temp name and renamed into place, so no other process ever
+    sees it unlocked while this one lives."""
+    global _owner_lock
+    fd, tmp = tempfile.mkstemp(dir=temp_dir, prefix=".owner-")
+    owner = os.fdopen(fd, "w")
+    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    owner.write(str(os.getpid()))
+    owner.flush()
+    os.replace(tmp, temp_dir / OWNER_FILE)
+    _owner_lock = owner  # the lock goes when the process does, however it ends
+
+
 def _owner_is_gone(temp_dir: Path) -> bool:
-    """Whether the m3w process that made this temp dir has exited (a dir of another user, or one still being
-    set up, is never touched)."""
+    """Whether the m3w process that made this temp dir has exited: nothing holds its owner file's lock (a dir of
+    another user, or one still being set up, is never touched)."""
     try:
         if temp_dir.stat().st_uid != os.getuid():
             return False
-        pid = int(Path(temp_dir, OWNER_FILE).read_text())
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):  # no owner file yet, another user's process, ...
+        with open(temp_dir / OWNER_FILE) as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+    except OSError:  # locked (its owner lives), no owner file yet, another user's dir, ...
         return False
-    return False
+    return True
 
 
 @contextlib.contextmanager
