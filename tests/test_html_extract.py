@@ -376,11 +376,14 @@ def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
         f"last updated on 2 May; links to the shop may earn us a small share of the price.</p><p>He said so on "
         f"Twitter and Facebook, and then again to the council on Friday, in a long speech.</p><br>"
         f"<b>Warning</b>: Creating default object from empty value in <b>/www/wp-includes/classes.php</b> on "
-        f"line <b>407</b><br></article>"
+        f"line <b>407</b><br><p>ANZEIGE - Heute mal ausgehen? Wie wäre es mit dem Hafenrestaurant?</p><p>Diese "
+        f"Website verwendet Cookies, damit wir dir die bestmögliche Benutzererfahrung bieten können. Wenn du "
+        f"weiterliest, stimmst du zu.</p><p>We use chocolate cookies from the harbour bakery for the crust of "
+        f"this cake, crushed with butter and pressed into the tin.</p></article>"
     )
     text = " ".join(n.get("text") or "" for n in page(body))
     assert "The harbour wall" in text and "End." in text and "Reuters reported the vote first" in text
-    assert "He said so on Twitter and Facebook" in text
+    assert "He said so on Twitter and Facebook" in text and "We use chocolate cookies" in text
     for furniture in (
         "iStock",
         "ABr",
@@ -393,8 +396,34 @@ def test_photo_credits_and_boxes_around_the_article_are_not_its_text():
         "Síguenos",
         "Prices last updated",
         "Creating default object",
+        "ANZEIGE",
+        "verwendet Cookies",
     ):
         assert furniture not in text, furniture
+
+
+def test_sections_announcing_more_of_the_site_go_and_a_wrapper_named_for_its_share_buttons_stays():
+    """Titles like "Most read", "Viel gelesen in Handel", "Mehr zu Klima und Konsum", "Schon gelesen?" announce
+    teasers, not content: they go with what follows them. A big region named furniture by a weak word (an
+    article inside a "socialicons-sticky" wrapper) is walked though its prose links to sources; a comments area
+    or a "related" list of the same size and link share is not."""
+    linked = f"{PROSE[:120]} <a href='/src'>{PROSE[120:150]}</a>{PROSE[150:]}"  # a sixth of it linked
+    teasers = "".join(f"<p><a href='/t{i}'>Teaser {i}</a> {PROSE}</p>" for i in range(2))
+    body = (
+        "<header><h1>The wall</h1></header><div class='sidebar'>"
+        + "".join(f"<p>Sidebar note {i}: {PROSE}</p>" for i in range(3))
+        + f"</div><div id='socialicons-sticky'>{''.join(f'<p>Para {i}. {linked}</p>' for i in range(3))}</div>"
+        f"<div id='comments'>{''.join(f'<p>Comment {i}. {linked}</p>' for i in range(3))}</div>"
+        f"<div class='related'>{''.join(f'<p>Related {i}. {linked}</p>' for i in range(3))}</div>"
+    )
+    text = " ".join(n.get("text") or "" for n in page(body))
+    assert all(f"Para {i}." in text for i in range(3))
+    assert "Comment 0." not in text and "Related 0." not in text
+    for title in ("Most read", "Viel gelesen in Handel", "Mehr zu Klima und Konsum", "Schon gelesen?"):
+        article = f"<h1>The wall</h1>{f'<p>{PROSE}</p>' * 3}<p>{PROSE} End.</p>"
+        nodes = page(f"<article>{article}<div><h3>{title}</h3>{teasers}</div></article>")
+        text = " ".join(n.get("text") or "" for n in nodes)
+        assert "End." in text and title not in text and "Teaser" not in text, title
 
 
 def test_og_image_title_lang():

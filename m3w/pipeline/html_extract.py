@@ -436,9 +436,18 @@ class _Walker:
         if chars >= 0.2 * total:
             if node.css_first("article, main, [itemprop=articleBody], h1") is not None:
                 return False
-            # A big region with few links is prose mislabelled by its class name, not navigation.
+            # A big region with few links is prose mislabelled by its class name, not navigation. Named by a weak
+            # word only (a "socialicons-sticky" wrapper around the article), it may hold an article's share of
+            # links; by tag, role, a strong word or as a comments area, only a sliver.
             links = sum(_text_size(a) for a in node.css("a"))
-            return links > 0.1 * chars
+            names = f"{cls} {node.attributes.get('id') or ''}".lower()
+            weak_name = (
+                tag not in BOILERPLATE_TAGS
+                and (node.attributes.get("role") or "").lower() not in BOILERPLATE_ROLES
+                and not _STRONG_FURNITURE.search(names)
+                and not _UNIT_NAMES.search(names)
+            )
+            return links > (ARTICLE_LINK_SHARE if weak_name else NAVIGATION_LINK_SHARE) * chars
         if chars >= 50 and tag not in BOILERPLATE_TAGS and _UNIT_NAMES.search(cls):
             return not self._is_page_of_many(cls)
         return True
@@ -910,10 +919,34 @@ _FOLLOW_PROMPT = re.compile(
     re.I,
 )
 FOLLOW_PROMPT_CHARS = 120
+# A site's cookie notice and its labelled ads, when no class or id gave them away.
+_COOKIE_NOTICE = re.compile(
+    r"\b(we (and our partners )?use|wir (verwenden|nutzen|setzen)|nous utilisons|usamos|utilizamos|utilizziamo|"
+    r"korzystamy|wij gebruiken|we gebruiken)\b.{0,60}\bcookies\b|"
+    r"\b(web)?(site|seite|sitio|sito)\b.{0,20}\b(uses|verwendet|nutzt|benutzt|utilise|utiliza|utilizza|używa|"
+    r"gebruikt)\b.{0,40}\bcookies\b|\bcookies\b.{0,40}\b(verwendet|eingesetzt|utilisés|utilizadas|utilizzati)\b",
+    re.I,
+)
+# What a notice says besides "cookies" (a recipe's "we use chocolate cookies" says none of it).
+_COOKIE_CONTEXT = re.compile(
+    r"website|webseite|browser|experience|erfahrung|consent|zustimm|einwillig|accept|akzept|privacy|datenschutz|"
+    r"analy|personali|expérience|navigat|navegación|utente|przeglądar|prywatno|ervaring|toestemming",
+    re.I,
+)
+COOKIE_NOTICE_CHARS = 600  # a notice says it in its first sentence (COOKIE_NOTICE_HEAD chars)
+COOKIE_NOTICE_HEAD = 150
+_LABELLED_AD = re.compile(
+    r"(anzeige|werbung|advertisement|sponsored|publicidad|publicité|pubblicità|reklama)\s*[-–:|]", re.I
+)
+NOTICE_CHARS = 200
 _PHP_WARNING = re.compile(
     r"(warning|notice|deprecated|strict standards|fatal error|parse error)\s*:.* on line \d+", re.I
 )
 PROSE_CHARS = 80
+# Link text share of a big region called furniture above which it is navigation: an article's inline links stay
+# under the first; a region named furniture by its tag, role or a strong word gets only the second.
+ARTICLE_LINK_SHARE = 0.2
+NAVIGATION_LINK_SHARE = 0.1
 NOSCRIPT_PAGE_SHARE = 0.4  # a <noscript> holding this share of the page's text is the page, not a fallback
 FALLBACK_PROSE = 0.2  # the best element's prose balance, as a share of the page's text, below which none wins
 AFTER_REGION_SHARE = 0.15  # see _drop_trailing_regions
@@ -921,9 +954,17 @@ LISTING_TEASER_CHARS = 60  # on a listing page, linked text this long is a tease
 
 
 def _is_meta_line(text: str) -> bool:
-    """Datelines, "updated" stamps, photo credits, "follow us" prompts and PHP warnings: short lines that frame
-    an article but are not its text."""
+    """Datelines, "updated" stamps, photo credits, "follow us" prompts, cookie notices, labelled ads and PHP
+    warnings: short lines that frame an article but are not its text."""
     if _PHP_WARNING.match(text) or (len(text) < FOLLOW_PROMPT_CHARS and _FOLLOW_PROMPT.match(text)):
+        return True
+    if len(text) < NOTICE_CHARS and _LABELLED_AD.match(text):
+        return True
+    if (
+        len(text) < COOKIE_NOTICE_CHARS
+        and _COOKIE_NOTICE.search(text[:COOKIE_NOTICE_HEAD])
+        and _COOKIE_CONTEXT.search(text)
+    ):
         return True
     if len(text) >= 80:
         return False
@@ -997,8 +1038,10 @@ _SECTION_TITLES = re.compile(
     r"(related( articles| stories| posts| content| topics)?|read (more|next|also)|see also|more (on|about) (this|the)"
     r"( topic| story)?|you (may|might) also like|recommended( for you| articles| stories)?|about the author|"
     r"advertisement|sponsored( content)?|subscribe( now)?( to our newsletter)?|newsletter|tags|share( this)?( article| "
-    r"post)?|leave a (reply|comment)|comments?|"
-    r"mehr zu(m thema| diesem thema)?|weitere (informationen|artikel|beiträge|themen|nachrichten|news)|zum weiterlesen|"
+    r"post)?|leave a (reply|comment)|comments?|most (read|popular|viewed|shared)( stories| articles)?( in [\w ]+)?|"
+    r"popular (posts|stories|articles)|trending( now)?|discover more( [\w ]+)?|"
+    r"(meist|viel) gelesen(e artikel)?( in [\w ]+)?|schon gelesen|entdecke (mehr|weitere)( [\w ]+)?|"
+    r"mehr zu(m thema| diesem thema| [\w ]+)?|weitere (informationen|artikel|beiträge|themen|nachrichten|news)|zum weiterlesen|"
     r"lesen sie (auch|mehr|dazu)( die folgenden beiträge)?|auch interessant|das könnte sie (auch )?interessieren|"
     r"über (den autor|die autorin)|kontakt|anzeige|werbung|neueste artikel|ähnliche (artikel|beiträge)|"
     r"verwandte (artikel|themen)|empfehlungen|schlagworte|kommentare|teilen|"
