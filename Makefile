@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo demo-screenshot bench lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# Exits non-zero when the demo's own verdict fails (and says which check).
 demo: setup
 	$(BIN)/python -m m3w.demo.run --out demo-out
+
+# The demo report as a browser shows it, in headless Chromium (apt-get install chromium): demo-out/report.png
+demo-screenshot: setup
+	$(BIN)/python -m m3w.demo.screenshot demo-out/report.html demo-out/report.png
 
 # The anchors bench/model_step.py measures against, kept out of .venv (bench/images.py makes its img2dataset venv).
 OPENFLAMINGO := .venv-openflamingo/open_flamingo

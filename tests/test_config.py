@@ -132,7 +132,7 @@ def _repeated_defaults(cls, data: dict, where: str = "") -> list[str]:
 @pytest.mark.parametrize(
     ("name", "stage"),
     [("model_tiny.yaml", "model"), ("model_bench.yaml", "model"), ("model_compact.yaml", "model"),
-     ("train_tiny.yaml", "train"), ("train_compact.yaml", "train")],
+     ("train_tiny.yaml", "train"), ("train_compact.yaml", "train"), ("train_demo.yaml", "train")],
 )  # fmt: skip
 def test_presets_and_run_configs_hold_only_overrides(name, stage):
     path = CONFIGS_DIR / name

@@ -143,6 +143,7 @@ def test_videos_decode(web):
 def test_eval_sets_in_public_formats(web):
     out, summary = web
     root = out / summary["eval"]
+    assert len(json.loads(next((root / "binding").glob("*all_questions.json")).read_text())) == 100
     for split in ("support", "query"):
         coco = json.loads((root / "captioning" / split / "captions.json").read_text())
         assert len(coco["images"]) == 36 and len(coco["annotations"]) == 5 * 36
@@ -182,3 +183,38 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
 
     ids = torch.tensor([load_tokenizer()(text, add_special_tokens=False)["input_ids"]])
     assert lm(input_ids=ids, labels=ids).loss.item() < 2.0  # it learned the text (random init: ~9)
+
+
+def game_names(page: str) -> list[str]:
+    return re.findall(r"<p>This is a (\w+)\.</p>", page)
+
+
+def test_naming_games_bind_fresh_names_and_the_eval_names_are_held_out(web):
+    out, summary = web
+    games = [p.read_text() for p in sorted((out / "site" / "games").glob("study-*.html"))]
+    assert len(games) == summary["counts"]["pages.binding"] > 5
+    seen: dict[str, int] = {}
+    for i, page in enumerate(games):
+        names = game_names(page)
+        assert len(names) == 5 and 2 <= len(set(names)) <= 3  # every picture named, a name used again
+        assert len(set(re.findall(r"/img/names/[\w-]+\.png", page))) == 5
+        for name in set(names):
+            assert seen.setdefault(name, i) == i, f"{name} names pictures on two pages"
+    questions = json.loads(next((out / summary["eval"] / "binding").glob("*all_questions.json")).read_text())
+    eval_names = {q[f"caption_{i}"].split()[-1] for q in questions for i in range(1, 9)}
+    assert len(questions) == 100 and len(eval_names) == 200 and not eval_names & set(seen)
+    web_pictures = {p.read_bytes() for p in (out / "site" / "img" / "names").glob("*.png")}
+    eval_pictures = {p.read_bytes() for p in (out / summary["eval"] / "binding" / "images").glob("*.png")}
+    assert len(eval_pictures) == 900 and not web_pictures & eval_pictures
+
+
+def test_quiz_answers_are_what_the_picture_shows(web):
+    out, summary = web
+    site = out / "site"
+    checked = 0
+    for page in site.glob("shapes/study-*.html"):
+        pattern = r'src="(/img/shapes/[^"]+)"[^>]*>(?:</p>)?\s*<p>Question: What colour are the shapes\? Short answer: (\w+)\.'
+        for src, colour in re.findall(pattern, page.read_text()):
+            assert dominant_colour(site / src.lstrip("/")) == colour, (src, colour)
+            checked += 1
+    assert checked >= 3 and summary["counts"]["quiz_questions"] > checked

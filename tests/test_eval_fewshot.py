@@ -14,12 +14,15 @@ from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 from m3w.trainer.fewshot.data import Example, load_coco_captions, load_image_folder, load_task_data, load_vqa
 from m3w.trainer.fewshot.metrics import (
     accuracy,
+    bootstrap_interval,
+    chance_interval,
     cider_d,
     normalize_vqa_answer,
     tokenize_caption,
     vqa_accuracy,
+    wilson_interval,
 )
-from m3w.trainer.fewshot.prompts import DEFAULT_PROMPTS, build_prompt
+from m3w.trainer.fewshot.prompts import DEFAULT_PROMPTS, build_prompt, short_answer
 from m3w.trainer.fewshot.selection import random_support, rices_order, rices_support
 
 
@@ -77,6 +80,15 @@ def test_vqa_support_shows_the_majority_answer():
 )
 def test_vqa_answer_normalisation(raw, normalised):
     assert normalize_vqa_answer(raw) == normalised
+
+
+@pytest.mark.parametrize(
+    ("generated", "answer"),
+    [(" blue. The picture shows", "blue"), ("two Question: How", "two"), ("red, blue", "red"),
+     ("3.5 apples", "3.5 apples"), ("circles.", "circles"), ("yes\nQuestion", "yes")],
+)  # fmt: skip
+def test_vqa_short_answer_stops_where_the_model_goes_on(generated, answer):
+    assert short_answer(generated) == answer
 
 
 def test_vqa_accuracy_min_of_three():
@@ -168,7 +180,9 @@ def test_random_support_seeded_per_query():
 
 @pytest.fixture(scope="module")
 def eval_root(tmp_path_factory) -> Path:
-    return write_eval_sets(tmp_path_factory.mktemp("eval") / "eval", seed=5, support=8, query=6)
+    return write_eval_sets(
+        tmp_path_factory.mktemp("eval") / "eval", seed=5, support=8, query=6, binding_questions=12
+    )
 
 
 def test_loaders_read_the_demo_sets(eval_root):
@@ -198,3 +212,56 @@ def test_vqa_loader_finds_coco_style_image_names(tmp_path):
     data = load_vqa(tmp_path, images=tmp_path / "val2014")
     assert data.examples[0].image.name == "COCO_val2014_000000000042.jpg"
     assert data.examples[0].answers == ("because",) * 10
+
+
+# --- confidence intervals and chance ------------------------------------------------------------------------
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)  # the textbook example
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0] > wilson_interval(500, 1000)[1] - 0.5
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    scores = [0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 1.0, 0.5] * 5
+    low, high = bootstrap_interval(scores, seed=3)
+    assert low < sum(scores) / len(scores) < high and (low, high) == bootstrap_interval(scores, seed=3)
+    assert bootstrap_interval([2.0] * 9) == (2.0, 2.0)
+
+
+def test_chance_interval_is_the_binomial_range():
+    mean, low, high = chance_interval([0.5] * 100)
+    assert mean == 0.5 and (low, high) == (0.4, 0.6)  # the central 95% of Binomial(100, 1/2), over 100
+    mean, low, high = chance_interval([1 / 2, 1 / 4] * 50)
+    assert mean == pytest.approx(0.375) and low < mean < high
+
+
+# --- fast binding -------------------------------------------------------------------------------------------
+
+
+def test_binding_episodes_bring_their_own_support(eval_root):
+    data = load_task_data("binding", eval_root / "binding")
+    assert data.task == "binding" and len(data.examples) == 12
+    for item in data.examples:
+        names = [s.answers[0] for s in item.support]
+        assert len(item.support) == 8 and len(item.choices) == 2 and item.answers[0] in item.choices
+        # the support alternates the two kinds in shuffled pairs: any first 2k examples show each name k times
+        assert all(sorted(names[i : i + 2]) == sorted(item.choices) for i in range(0, 8, 2))
+        assert item.image.exists() and all(s.image.exists() for s in item.support)
+    four = build_prompt(DEFAULT_PROMPTS["binding"], data.examples[0], list(data.examples[0].support[:4]))
+    assert four.text.count(MEDIA_TOKEN) == 5 and four.text.endswith(f"{MEDIA_TOKEN}This is a")
+    assert f"This is a {data.examples[0].support[0].answers[0]}{EOC_TOKEN}" in four.text
+
+
+def test_binding_loader_rejects_an_answer_outside_the_episode(tmp_path):
+    entry = {"question_id": 1, "image_1": "a.png", "caption_1": "this is a dax", "image_2": "b.png",
+             "caption_2": "this is a blicket", "question_image": "c.png", "answer": "wug"}  # fmt: skip
+    (tmp_path / "fast_binding_all_questions.json").write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match="none of its support's names"):
+        load_task_data("binding", tmp_path)
+    entry["answer"] = "blicket"
+    (tmp_path / "fast_binding_all_questions.json").write_text(json.dumps([entry]))
+    item = load_task_data("binding", tmp_path).examples[0]
+    assert item.choices == ("dax", "blicket") and item.answers == ("blicket",)

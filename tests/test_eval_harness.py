@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from m3w.demo.web import write_eval_sets
-from m3w.trainer.evaluate import EvalSettings, Evaluator, shuffled_images
-from m3w.trainer.fewshot.data import load_image_folder, load_vqa
+from m3w.pipeline.tokenizer import MEDIA_TOKEN
+from m3w.trainer.evaluate import EvalSettings, Evaluator, evaluate, log_tensorboard, shuffled_images
+from m3w.trainer.fewshot.data import load_image_folder, load_task_data, load_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     model = Flamingo.from_config(build_preset("tiny", root / "parts"))
     model.save_pretrained(root / "model")
-    eval_root = write_eval_sets(root / "eval", seed=7, support=8, query=6)
+    eval_root = write_eval_sets(root / "eval", seed=7, support=8, query=6, binding_questions=8)
     return model, root / "model", eval_root
 
 
@@ -44,6 +45,55 @@ def test_shuffled_images_moves_every_image(tiny):
         by_image.setdefault(a.image, set()).add(b.image)
     assert all(len(v) == 1 for v in by_image.values())
     assert [(a.id, a.answers) for a in items] == [(b.id, b.answers) for b in moved]
+
+
+def test_binding_ranks_each_episodes_names_against_chance_and_logs_to_tensorboard(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, _, eval_root = tiny
+    items = load_task_data("binding", eval_root / "binding").examples
+    report = evaluate(
+        model, EvalSettings("binding", shots=(0, 2), shuffle_images=True), eval_root / "binding"
+    )
+    chance = report["chance"]
+    assert chance["score"] == 0.5 and chance["ci95"][0] < 0.5 < chance["ci95"][1]  # two names per episode
+    assert [(r["shots"], r["images"], r["selection"]) for r in report["results"]] == [
+        (0, "real", "none"),
+        (0, "shuffled", "none"),
+        (2, "real", "episode"),
+        (2, "shuffled", "episode"),
+    ]
+    choices = {ex.id: ex.choices for ex in items}
+    for r in report["results"]:
+        assert r["n"] == 8 and r["ci95"][0] <= r["score"] <= r["ci95"][1]
+        assert all(p["prediction"] in choices[p["id"]] for p in r["predictions"])
+    shown = report["results"][2]["prompts"][0]  # the item's own first two support examples, then the question
+    assert shown["text"].count(MEDIA_TOKEN) == 3 and shown["text"].endswith(f"{MEDIA_TOKEN}This is a")
+    assert shown["images"] == [
+        str(items[0].support[0].image),
+        str(items[0].support[1].image),
+        str(items[0].image),
+    ]
+    for item, moved in zip(items, shuffled_images(items, seed=0)):  # the control: no picture keeps its name
+        assert moved.image != item.image and all(
+            a.image != b.image for a, b in zip(item.support, moved.support)
+        )
+    with pytest.raises(ValueError, match="bring their own support"):
+        evaluate(model, EvalSettings("binding"), eval_root / "binding", support=eval_root / "binding")
+
+    log_tensorboard(report, tmp_path / "tensorboard" / "run")
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "run")).Reload()
+    assert [e.step for e in events.Scalars("eval/binding/real_images")] == [0, 2]
+    assert "eval/binding/chance" in events.Tags()["scalars"] and len(events.Tags()["images"]) == 3
+
+
+def test_captioning_reports_the_held_out_caption_loss(tiny):
+    model, _, eval_root = tiny
+    settings = EvalSettings("captioning", shots=(0,), limit=3, num_beams=1, max_new_tokens=4)
+    report = evaluate(model, settings, eval_root / "captioning" / "query")
+    loss = report["caption_loss"]
+    assert loss["n"] == 3 and loss["real"] > 0 and loss["shuffled"] > 0
+    assert loss["ratio"] == pytest.approx(loss["real"] / loss["shuffled"])
 
 
 def test_rices_puts_the_visually_closest_example_last(tiny):
@@ -83,7 +133,7 @@ def test_eval_cli_writes_table_and_json(tiny, tmp_path):
         )
         assert "real images" in proc.stdout and "shuffled images" in proc.stdout
         if task == "classification":
-            assert report["chance"] == pytest.approx(1 / 6)
+            assert report["chance"]["score"] == pytest.approx(1 / 6)
             assert report["results"][2]["selection"] == "rices"
             classes = {p.name for p in (eval_root / task / "query").iterdir()}
             assert all(p["prediction"] in classes for r in report["results"] for p in r["predictions"])

@@ -22,9 +22,11 @@ Everything depends only on (seed, pages, base_url): the same arguments give byte
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import io
 import json
+import os
 import random
 import shutil
 import uuid
@@ -32,11 +34,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 CRAWL = "CC-MAIN-2099-01"
 SEGMENT = "4099000000000.00"
-WEBCORPUS = Path(__file__).resolve().parents[3] / "shared" / "webcorpus"
+WEBCORPUS = Path(
+    os.environ.get("M3W_WEBCORPUS", Path(__file__).resolve().parents[3] / "shared" / "webcorpus")
+)
 CRAWL_START = datetime(2099, 1, 1, tzinfo=timezone.utc)
 
 COLOURS = {
@@ -70,6 +74,11 @@ class Scene:
     @property
     def caption(self) -> str:
         return f"{COUNT_WORDS[self.count]} {self.colour} {self.shape_word} {POSITIONS[self.position]}"
+
+    @property
+    def sentence(self) -> str:
+        """The caption as the web's figcaptions write it: "Three red circles on the left." """
+        return self.caption[0].upper() + self.caption[1:] + "."
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -115,6 +124,64 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast binding (Frozen, Tsimpoukelli et al. 2021): a page binds made-up names to kinds of picture ("This is a
+# dax."), and shows a kind again later under the same name. A kind is one real photograph (any crop of it) or a
+# colour and a shape (any count, anywhere). Names are fresh on every page, so only the page itself can tell
+# which name a picture has: a model that gets them right learned to bind in context.
+
+
+@dataclass(frozen=True)
+class Kind:
+    key: str  # "photo:skimage_coffee" or "shape:red circle"
+    photo: Path | None = None
+    colour: str = ""
+    shape: str = ""
+
+
+def binding_kinds(webcorpus: Path) -> list[Kind]:
+    """Every webcorpus photograph, and every colour × shape."""
+    photos = sorted(p for p in (Path(webcorpus) / "photos").iterdir() if p.suffix.lower() in (".png", ".jpg"))
+    return [Kind(f"photo:{p.stem}", photo=p) for p in photos] + [
+        Kind(f"shape:{c} {s}", colour=c, shape=s) for c in COLOURS for s in SHAPES
+    ]
+
+
+@functools.lru_cache(maxsize=32)
+def photo_pixels(path: Path) -> Image.Image:
+    """A photograph decoded once (the views crop copies of it)."""
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def kind_view(kind: Kind, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """A new picture of `kind`: a random square crop of the photograph (55-100% of its shorter side, mirrored
+    half the time, brightness ±15%), or the shapes drawn in a random number and place."""
+    if kind.photo is None:
+        scene = Scene(kind.colour, kind.shape, rng.randint(1, 4), rng.choice(list(POSITIONS)))
+        return draw_scene(scene, rng, size)
+    img = photo_pixels(kind.photo)
+    side = int(min(img.size) * rng.uniform(0.55, 1.0))
+    x, y = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
+    img = img.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    return ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+
+
+ONSETS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+
+
+def made_up_name(rng: random.Random) -> str:
+    """Two syllables and a final consonant: "dakop", "mizet"."""
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(2)) + rng.choice(ONSETS)
+
+
+def binding_caption(name: str) -> str:
+    return f"This is a {name}."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,6 +276,12 @@ DETAIL = [
     "There are {cw} {shapes} in total, and they sit {pos}.",
     "Count them: {cw}, all {colour}.",
 ]
+GAME_INTRO = [
+    "In this game from the {place} workshop, each kind of thing gets a made-up name, and it keeps that name.",
+    "Children in {place} invented these names for the pictures; the same kind of picture always has the same name.",
+    "{name} {surname} made up a name for every kind of picture in this set, and the names never change.",
+    "A naming game for the {topic} class: learn the names of the pictures, then spot them again further down.",
+]
 FOREIGN = [
     "Diese Seite ist nur auf Deutsch verfügbar und enthält Hinweise für unsere Leserinnen und Leser in {place}.",
     "Wir haben die Bilder aus dem Archiv entfernt, weil die Rechte abgelaufen sind und niemand sie verlängert hat.",
@@ -245,6 +318,19 @@ def describe(scene: Scene, rng: random.Random) -> str:
     return " ".join([first, fill(rng.choice(DETAIL), rng, **words), paragraph(rng, FILLER, 2)])
 
 
+VQA_QUESTIONS = {
+    "colour": ("What colour are the shapes?", lambda s: s.colour),
+    "count": ("How many shapes are there?", lambda s: COUNT_WORDS[s.count]),
+    "shape": ("What shape is shown in the picture?", lambda s: s.shape),
+}
+QUIZ_SHARE = 0.5  # shape pictures followed by a quiz question in the VQA eval's own wording
+
+
+def quiz(scene: Scene, rng: random.Random) -> str:
+    question, answer_of = VQA_QUESTIONS[rng.choice(list(VQA_QUESTIONS))]
+    return f"Question: {question} Short answer: {answer_of(scene)}."
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # HTML
 
@@ -278,7 +364,17 @@ def figure(src: str, alt: str, caption: str | None, rng: random.Random) -> str:
     return f"<p>{tag}</p>"
 
 
-SECTIONS = {"shapes": "Shapes Weekly", "photos": "Photo Archive", "notes": "Studio Notes", "tags": "Tags"}
+SECTIONS = {
+    "shapes": "Shapes Weekly",
+    "games": "Name Games",
+    "photos": "Photo Archive",
+    "notes": "Studio Notes",
+    "tags": "Tags",
+}
+# What the crawl holds, by page kind (weights): articles about drawn shapes, naming games (fast binding), photo
+# archive pages, and pages the filters should drop (tag lists, other languages, thin pages, duplicates).
+PAGE_KINDS = {"shapes": 52, "binding": 34, "photos": 12, "tags": 5, "foreign": 4, "thin": 3, "duplicate": 4}
+BINDING_PICTURES = 5  # pictures per naming game: the paper's N = 5 images per M3W window
 
 
 def page_shell(
@@ -322,15 +418,27 @@ class Page:
 
 
 class WebBuilder:
-    def __init__(self, out: Path, base_url: str, pages: int, seed: int, webcorpus: Path = WEBCORPUS) -> None:
+    def __init__(
+        self,
+        out: Path,
+        base_url: str,
+        pages: int,
+        seed: int,
+        webcorpus: Path = WEBCORPUS,
+        binding_questions: int = 100,
+    ) -> None:
         self.out = Path(out)
         self.site = self.out / "site"
         self.base_url = base_url.rstrip("/")
         self.pages = pages
         self.seed = seed
         self.webcorpus = Path(webcorpus)
+        self.binding_questions = binding_questions
         self.counts: dict[str, int] = {}
         self.photo_rows: list[dict] = []
+        self.kinds = binding_kinds(self.webcorpus)
+        # every word of the web's own text is taken, so a made-up name is never a word the web uses otherwise
+        self.names_taken = {w.lower() for t in INTRO + FILLER + OUTRO + NAMES + PLACES for w in t.split()}
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -391,9 +499,41 @@ class WebBuilder:
                 src = f"/img/gone/{i:04d}-{k}.png"
                 self.count("broken_images")
             self.count("shape_images")
-            caption = (scene.caption[0].upper() + scene.caption[1:] + ".") if rng.random() < 0.7 else None
+            if rng.random() < QUIZ_SHARE:
+                # a quiz right under the picture, before any words about it: only the picture tells the answer
+                parts.append(figure(src, scene.caption, None, rng))
+                parts.append(f"<p>{esc(quiz(scene, rng) + ' ' + describe(scene, rng))}</p>")
+                self.count("quiz_questions")
+                continue
+            caption = scene.sentence if rng.random() < 0.7 else None
             parts.append(figure(src, scene.caption, caption, rng))
             parts.append(f"<p>{esc(describe(scene, rng))}</p>")
+        parts.append(f"<p>{esc(paragraph(rng, OUTRO, 2))}</p>")
+        return title, "\n".join(parts)
+
+    def new_name(self, rng: random.Random) -> str:
+        while (name := made_up_name(rng)) in self.names_taken:
+            pass
+        self.names_taken.add(name)
+        return name
+
+    def binding_page(self, i: int, rng: random.Random) -> tuple[str, str]:
+        """A naming game: 2-3 kinds get fresh made-up names, then BINDING_PICTURES pictures of them in random
+        order (every kind at least once), each followed by "This is a <name>."; an intro and an outro around."""
+        kinds = rng.sample(self.kinds, rng.choice([2, 3]))
+        names = [self.new_name(rng) for _ in kinds]
+        order = list(range(len(kinds))) + [
+            rng.randrange(len(kinds)) for _ in range(BINDING_PICTURES - len(kinds))
+        ]
+        rng.shuffle(order)
+        title = f"Name game no. {i}"
+        parts = [f"<h1>{esc(title)}</h1>", f"<p>{esc(fill(rng.choice(GAME_INTRO), rng))}</p>"]
+        for k, j in enumerate(order):
+            name = f"img/names/{i:04d}-{k}.png"
+            self.write(name, png_bytes(kind_view(kinds[j], rng)))
+            self.count("binding_images")
+            parts.append(figure(f"/{name}", f"Picture {k + 1} of the game", None, rng))
+            parts.append(f"<p>{esc(binding_caption(names[j]))}</p>")
         parts.append(f"<p>{esc(paragraph(rng, OUTRO, 2))}</p>")
         return title, "\n".join(parts)
 
@@ -429,6 +569,7 @@ class WebBuilder:
         self.photo_rows = self.photos()
         makers = {
             "shapes": self.shapes_article,
+            "binding": self.binding_page,
             "photos": self.photo_article,
             "tags": self.tag_page,
             "foreign": self.foreign_page,
@@ -436,9 +577,9 @@ class WebBuilder:
         }
         pages: list[Page] = []
         for i in range(self.pages):
-            kind = rng.choices(
-                ["shapes", "photos", "tags", "foreign", "thin", "duplicate"], weights=[70, 14, 5, 4, 3, 4]
-            )[0]
+            kind = rng.choices(list(PAGE_KINDS), weights=list(PAGE_KINDS.values()))[0]
+            if i == self.pages - 1 and "pages.duplicate" not in self.counts:
+                kind = "duplicate"  # every crawl holds copies: a small web gets at least one
             if kind == "duplicate" and pages:
                 # The same article under a tracking-parameter URL, as crawls often hold it.
                 original = rng.choice([p for p in pages if p.kind == "shapes"] or pages)
@@ -447,7 +588,9 @@ class WebBuilder:
                 continue
             if kind == "duplicate":
                 kind = "shapes"
-            section = {"shapes": "shapes", "photos": "photos", "tags": "tags"}.get(kind, "notes")
+            section = {"shapes": "shapes", "photos": "photos", "tags": "tags", "binding": "games"}.get(
+                kind, "notes"
+            )
             title, article = makers[kind](i, rng)
             related = [
                 (f"/shapes/study-{rng.randint(0, self.pages):04d}.html", f"Shape study no. {k}")
@@ -554,7 +697,13 @@ class WebBuilder:
         pages = self.build_pages()
         warcs = self.write_warcs(pages)
         videos = self.write_videos()
-        eval_dir = write_eval_sets(self.out / "eval", self.seed + 1)
+        eval_dir = write_eval_sets(
+            self.out / "eval",
+            self.seed + 1,
+            webcorpus=self.webcorpus,
+            binding_questions=self.binding_questions,
+            taken_names=self.names_taken,
+        )
         summary = {
             "base_url": self.base_url,
             "crawl": CRAWL,
@@ -610,18 +759,12 @@ def moving_shape_clip(
 # ---------------------------------------------------------------------------------------------------------------
 # Held-out evaluation items, in the formats the public benchmarks use, drawn from scenes the web never shows.
 
-VQA_QUESTIONS = {
-    "colour": ("What colour are the shapes?", lambda s: s.colour),
-    "count": ("How many shapes are there?", lambda s: COUNT_WORDS[s.count]),
-    "shape": ("What shape is shown?", lambda s: s.shape),
-}
-
 
 def caption_variants(scene: Scene) -> list[str]:
     pos = POSITIONS[scene.position]
     cw = COUNT_WORDS[scene.count]
     return [
-        scene.caption,
+        scene.sentence,  # first: the caption-pair format the held-out caption loss is measured in
         f"{cw} {scene.colour} {scene.shape_word}",
         f"{scene.colour} {scene.shape_word} {pos}",
         f"{cw} {scene.shape_word} painted {scene.colour} {pos}",
@@ -629,12 +772,60 @@ def caption_variants(scene: Scene) -> list[str]:
     ]
 
 
-def write_eval_sets(root: Path, seed: int, support: int = 36, query: int = 36) -> Path:
+BINDING_SHOTS = 8  # support examples per fast-binding question: a k-shot prompt takes the first k
+
+
+def write_binding_questions(
+    root: Path, kinds: list[Kind], rng: random.Random, questions: int, taken_names: set[str]
+) -> Path:
+    """binding/fast_binding_shots_8_ways_2_all_questions.json + images/: 2-way episodes of fresh pictures and
+    fresh names (none the web uses). The support alternates the two kinds in shuffled pairs, so the first 2k
+    examples show each kind k times; the question shows a new picture of one of them."""
+    out = root / "binding"
+    (out / "images").mkdir(parents=True)
+    taken = set(taken_names)
+    entries = []
+    for q in range(questions):
+        pair = rng.sample(kinds, 2)
+        names = []
+        while len(names) < 2:
+            name = made_up_name(rng)
+            if name not in taken:
+                taken.add(name)
+                names.append(name)
+        order = [j for _ in range(BINDING_SHOTS // 2) for j in rng.sample([0, 1], 2)]
+        entry: dict = {"question_id": q}
+        for i, j in enumerate(order, 1):
+            file_name = f"fast_binding_shots_{BINDING_SHOTS}_ways_2_id_{q}_image_{i}.png"
+            (out / "images" / file_name).write_bytes(png_bytes(kind_view(pair[j], rng)))
+            entry[f"image_{i}"], entry[f"caption_{i}"] = file_name, binding_caption(names[j]).lower()
+        answer = rng.randrange(2)
+        file_name = f"fast_binding_shots_{BINDING_SHOTS}_ways_2_id_{q}_question.png"
+        (out / "images" / file_name).write_bytes(png_bytes(kind_view(pair[answer], rng)))
+        entry.update(question_image=file_name, question="what is this?", answer=names[answer],
+                     kinds=[k.key for k in pair])  # fmt: skip
+        entries.append(entry)
+    path = out / f"fast_binding_shots_{BINDING_SHOTS}_ways_2_all_questions.json"
+    path.write_text(json.dumps(entries, indent=1))
+    return path
+
+
+def write_eval_sets(
+    root: Path,
+    seed: int,
+    support: int = 36,
+    query: int = 36,
+    webcorpus: Path = WEBCORPUS,
+    binding_questions: int = 100,
+    taken_names: set[str] | None = None,
+) -> Path:
     """captioning/ (COCO captions JSON), vqa/ (VQAv2 questions + annotations), classification/ (image folders by
-    colour), each with a `support` split for in-context examples and a `query` split to score."""
+    colour), each with a `support` split for in-context examples and a `query` split to score; binding/
+    (fast-binding episodes that carry their own support, with names outside `taken_names`)."""
     rng = random.Random(seed)
     if root.exists():
         shutil.rmtree(root)
+    write_binding_questions(root, binding_kinds(webcorpus), rng, binding_questions, taken_names or set())
     for split, n in (("support", support), ("query", query)):
         scenes = [random_scene(rng) for _ in range(n)]
         images = [png_bytes(draw_scene(s, rng)) for s in scenes]
@@ -691,10 +882,15 @@ def write_eval_sets(root: Path, seed: int, support: int = 36, query: int = 36) -
 
 
 def build_web(
-    out: str | Path, base_url: str, pages: int = 240, seed: int = 0, webcorpus: Path = WEBCORPUS
+    out: str | Path,
+    base_url: str,
+    pages: int = 300,
+    seed: int = 0,
+    webcorpus: Path = WEBCORPUS,
+    binding_questions: int = 100,
 ) -> dict:
     """Build the demo web under `out` for a server at `base_url`. Returns the summary also written to web.json."""
-    return WebBuilder(Path(out), base_url, pages, seed, webcorpus).build()
+    return WebBuilder(Path(out), base_url, pages, seed, webcorpus, binding_questions).build()
 
 
 def main() -> None:
@@ -703,7 +899,7 @@ def main() -> None:
     parser.add_argument(
         "--base-url", required=True, help="where demo.run serves out/site, e.g. http://127.0.0.1:8000"
     )
-    parser.add_argument("--pages", type=int, default=240)
+    parser.add_argument("--pages", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(json.dumps(build_web(args.out, args.base_url, args.pages, args.seed)["counts"], indent=1))

@@ -42,6 +42,7 @@ h1 { font-size: 1.4rem; } .summary { color: #555; }
 .missing { display: inline-block; border: 2px dashed #c66; color: #a33; padding: .3rem .5rem; font-size: .8rem;
            border-radius: 4px; margin: .3rem 0; }
 .prov { font-size: .75rem; color: #777; margin-top: .6rem; word-break: break-all; }
+.cut { color: #888; font-weight: bold; }
 """
 
 _SPLIT = re.compile(f"({re.escape(MEDIA_TOKEN)}|{re.escape(EOC_TOKEN)})")
@@ -70,8 +71,13 @@ def shard_paths(path: Path) -> list[Path]:
 
 
 def render_sample(key: str, files: dict[str, bytes]) -> str:
-    """One shard sample: text split at <image>/<EOC>; each <image> replaced by its media item."""
+    """One shard sample: text split at <image>/<EOC>; each <image> replaced by its media item. An ellipsis marks
+    where the window cuts its document: before, when it starts after the document's first token; after, when it
+    stops before the document's closing <EOC>."""
     sample = json.loads(files["json"])
+    cut = '<span class="cut" title="the window cuts the document here">…</span>'
+    before = cut if sample.get("provenance", {}).get("token_start") else ""
+    after = "" if sample["text"].endswith(EOC_TOKEN) else cut
     media_keys = sample["images"]
     per_item = sample.get("num_frames", 1) or 1
     items = [media_keys[i : i + per_item] for i in range(0, len(media_keys), per_item)]
@@ -98,7 +104,7 @@ def render_sample(key: str, files: dict[str, bytes]) -> str:
         f'<span class="badge">{html.escape(sample.get("dataset", "?"))}</span>'
         f"<span>{len(sample['input_ids'])} tokens</span><span>{len(items)} {sample.get('media_kind', 'image')}"
         f"{'s' if len(items) != 1 else ''}</span>{link}</div>"
-        f'<div class="text">{"".join(parts)}</div>'
+        f'<div class="text">{before}{"".join(parts)}{after}</div>'
         f'<div class="prov">{html.escape(json.dumps(details, ensure_ascii=False))}</div></div>'
     )
 

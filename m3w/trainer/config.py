@@ -9,6 +9,7 @@ Datasets are keyed by name (not a list) so that one override can reach any field
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from m3w.config import check_fields
@@ -90,6 +91,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     tensorboard: bool = True
+    tensorboard_dir: str | None = None  # TensorBoard's --logdir; None: <output_dir>/tensorboard
+    run_name: str | None = None  # this run's own folder under tensorboard_dir; None: output_dir's name
     wandb_project: str | None = None  # log to W&B too, if wandb is installed
 
     def __post_init__(self) -> None:
@@ -98,3 +101,10 @@ class TrainConfig:
         for name, ds in self.datasets.items():
             if not ds.path:
                 raise ValueError(f"datasets.{name}.path is empty")
+
+
+def tensorboard_run_dir(cfg: TrainConfig) -> Path:
+    """Where this run's TensorBoard events go: a folder named after the run, so runs sharing one --logdir show
+    as separate runs (and `m3w eval --tensorboard` can add its scores next to the curves)."""
+    root = Path(cfg.tensorboard_dir) if cfg.tensorboard_dir else Path(cfg.output_dir) / "tensorboard"
+    return root / (cfg.run_name or Path(cfg.output_dir).resolve().name)

@@ -1,20 +1,28 @@
 """`m3w eval`: few-shot in-context evaluation of a trained Flamingo, as in the paper and OpenFlamingo.
 
-    m3w eval --model CKPT_DIR --task captioning|vqa|classification --data QUERY_PATH [--support SUPPORT_PATH]
-             --shots 0,2,4,8 [--rices] [--shuffle-images] --out results.json
+    m3w eval --model CKPT_DIR --task captioning|vqa|classification|binding --data QUERY_PATH
+             [--support SUPPORT_PATH] --shots 0,2,4,8 [--rices] [--shuffle-images] --out results.json
+             [--tensorboard RUN_DIR]
 
 For each query item a prompt of k support examples `<image>{prompt} {answer}<EOC>` is followed by the query
 `<image>{prompt}`; 0 shots means two text-only examples. Captioning and VQA generate with beam search (at most 20
 and 5 new tokens, stopping at `<EOC>`) and score CIDEr-D / VQA accuracy; classification ranks every class name by
-log-likelihood and scores accuracy. `--shuffle-images` adds a control run where each query is shown another
-item's image: a model that uses the image must do worse there. Support examples come from `--support` (default:
-the query set itself, never the query item) at random (seeded per query) or by RICES.
+log-likelihood and scores accuracy. Fast binding (Frozen's open-ended miniImageNet) ranks the names of each
+question's own episode; its k-shot prompt is the first k support examples of that episode, its 0-shot prompt the
+question alone (nothing tells the name). `--shuffle-images` adds a control run where each query is shown another
+item's image (binding: every image of every episode moves to another episode): a model that uses the images
+must do worse there. Support examples come from `--support` (default: the query set itself, never the query item)
+at random (seeded per query) or by RICES.
+
+Every score comes with a 95% confidence interval over the items (Wilson for accuracy, a seeded bootstrap for
+CIDEr and VQA accuracy), and ranking tasks with chance: what a uniform guesser scores, with its 95% range.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,20 +31,31 @@ from typing import Any
 import click
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from m3w.model import generation
 from m3w.trainer.fewshot.data import TASKS, Example, TaskData, load_task_data
-from m3w.trainer.fewshot.metrics import accuracy, cider_d, vqa_accuracy
+from m3w.trainer.fewshot.metrics import (
+    bootstrap_interval,
+    chance_interval,
+    cider_d,
+    vqa_accuracy,
+    wilson_interval,
+)
 from m3w.trainer.fewshot.prompts import (
     DEFAULT_PROMPTS,
     MAX_NEW_TOKENS,
     ZERO_SHOT_TEXT_EXAMPLES,
+    Prompt,
     build_prompt,
+    short_answer,
     with_answer,
 )
 from m3w.trainer.fewshot.selection import random_support, rices_support
 
-METRICS = {"captioning": "CIDEr", "vqa": "VQA accuracy", "classification": "accuracy"}
+METRICS = {"captioning": "CIDEr", "vqa": "VQA accuracy", "classification": "accuracy", "binding": "accuracy"}
+RANKED = ("classification", "binding")  # tasks that rank candidate answers instead of generating
+SHOWN_PROMPTS = 3  # prompts kept in the results per setting, for reports and TensorBoard
 
 
 @dataclass
@@ -62,14 +81,20 @@ class EvalSettings:
 
 def shuffled_images(examples: list[Example], seed: int) -> list[Example]:
     """Each item gets the image of another item: a random cycle over the distinct images, so no item keeps its
-    own image (VQA items that share an image all move to the same other image)."""
-    images = sorted({ex.image for ex in examples})
+    own image (VQA items that share an image all move to the same other image). An item's own support examples
+    (a binding episode) take part: their images move too, so no picture keeps the name it was given."""
+    images = sorted({ex.image for ex in examples} | {s.image for ex in examples for s in ex.support})
     if len(images) < 2:
         raise ValueError("the shuffled-images control needs at least two distinct images")
     order = images[:]
     random.Random(seed).shuffle(order)
     moved = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
-    return [replace(ex, image=moved[ex.image]) for ex in examples]
+    return [
+        replace(
+            ex, image=moved[ex.image], support=tuple(replace(s, image=moved[s.image]) for s in ex.support)
+        )
+        for ex in examples
+    ]
 
 
 class Evaluator:
@@ -118,6 +143,10 @@ class Evaluator:
     def choose_support(self, query: Example, shots: int) -> tuple[list[Example], bool]:
         """(support examples, text_only)."""
         seed = self.settings.seed
+        if query.support:  # the item's own episode: its first `shots` examples, and none at 0 shots
+            if shots > len(query.support):
+                raise ValueError(f"{shots} shots asked for, item {query.id} has {len(query.support)}")
+            return list(query.support[:shots]), False
         if shots == 0:
             return random_support(self.support, query, ZERO_SHOT_TEXT_EXAMPLES, seed), True
         if not self.settings.rices:
@@ -131,18 +160,22 @@ class Evaluator:
         return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
 
     # ---- one query -------------------------------------------------------------------------------------------
+    def prompt(self, query: Example, shots: int) -> Prompt:
+        support, text_only = self.choose_support(query, shots)
+        return build_prompt(self.settings.prompt, query, support, text_only)
+
     @torch.no_grad()
     def predict(self, query: Example, shots: int) -> str:
-        support, text_only = self.choose_support(query, shots)
-        prompt = build_prompt(self.settings.prompt, query, support, text_only)
+        prompt = self.prompt(query, shots)
         ids = self.encode(prompt.text)
         images = self.media(prompt.images)
-        if self.settings.task == "classification":
-            # A class name's tokens as they follow the prompt: encode "x name" and drop "x", so tokenizers that
+        if self.settings.task in RANKED:
+            names = list(query.choices or self.classes)
+            # A name's tokens as they follow the prompt: encode "x name" and drop "x", so tokenizers that
             # attach the separating space to the next word (BPE, SentencePiece) give the in-context tokens.
-            candidates = [self.encode(with_answer("x", name))[0, 1:].tolist() for name in self.classes]
+            candidates = [self.encode(with_answer("x", name))[0, 1:].tolist() for name in names]
             scores = generation.score(self.model, ids, candidates, images)
-            return self.classes[int(torch.as_tensor(scores).argmax())]
+            return names[int(torch.as_tensor(scores).argmax())]
         out = generation.generate(
             self.model,
             ids,
@@ -153,33 +186,80 @@ class Evaluator:
         )  # stops at <EOC> (or the LM's end of text)
         new_tokens = out.sequences[0, ids.shape[1] :].tolist()
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        if self.settings.task == "vqa":
+            return short_answer(text)
         # The answer is the first line of the continuation (beam search may run into a new prompt).
         return text.strip().split("\n")[0].strip()
 
     # ---- one setting -----------------------------------------------------------------------------------------
+    def selection(self, shots: int) -> str:
+        if self.queries and self.queries[0].support:
+            return "none" if shots == 0 else "episode"
+        return "text-only" if shots == 0 else ("rices" if self.settings.rices else "random")
+
     def run(self, shots: int, shuffled: bool) -> dict[str, Any]:
         start = time.monotonic()
         queries = shuffled_images(self.queries, self.settings.seed) if shuffled else self.queries
         truth = {ex.id: ex.answers for ex in self.queries}  # answers of the item, whatever image it shows
-        predictions = {ex.id: self.predict(ex, shots) for ex in queries}
+        label = f"{self.settings.task} {shots}-shot {'shuffled' if shuffled else 'real'}"
+        predictions = {
+            ex.id: self.predict(ex, shots)
+            for ex in tqdm(queries, desc=label, unit="item", file=sys.stderr, leave=False, mininterval=1.0)
+        }
         task = self.settings.task
         if task == "captioning":
-            score, _ = cider_d(predictions, {k: list(v) for k, v in truth.items()})
+            score, per_item = cider_d(predictions, {k: list(v) for k, v in truth.items()})
+            interval = bootstrap_interval([per_item[k] for k in truth], seed=self.settings.seed)
         elif task == "vqa":
-            score = sum(vqa_accuracy(p, truth[k]) for k, p in predictions.items()) / len(predictions)
+            per_item = {k: vqa_accuracy(p, truth[k]) for k, p in predictions.items()}
+            score = sum(per_item.values()) / len(per_item)
+            interval = bootstrap_interval([per_item[k] for k in truth], seed=self.settings.seed)
         else:
-            score = accuracy([predictions[k] for k in truth], [v[0] for v in truth.values()])
+            per_item = {k: float(predictions[k] == truth[k][0]) for k in truth}
+            score = sum(per_item.values()) / len(per_item)
+            interval = wilson_interval(int(sum(per_item.values())), len(per_item))
+        shown = [
+            {"id": ex.id, "text": p.text, "images": [str(i) for i in p.images]}
+            for ex in queries[:SHOWN_PROMPTS]
+            for p in [self.prompt(ex, shots)]
+        ]
         return {
             "shots": shots,
-            "selection": "text-only" if shots == 0 else ("rices" if self.settings.rices else "random"),
+            "selection": self.selection(shots),
             "images": "shuffled" if shuffled else "real",
             "score": score,
+            "ci95": [interval[0], interval[1]],
             "n": len(predictions),
             "seconds": round(time.monotonic() - start, 2),
             "predictions": [
-                {"id": k, "prediction": p, "answers": list(truth[k][:5])} for k, p in predictions.items()
+                {"id": k, "prediction": p, "answers": list(truth[k][:5]), "score": per_item[k]}
+                for k, p in predictions.items()
             ],
+            "prompts": shown,  # what the model saw for the first items (reports render them)
         }
+
+    @torch.no_grad()
+    def caption_loss(self, shuffled: bool, batch: int = 32) -> float:
+        """Mean NLL per token of each item's first reference in the caption-pair format `<image>caption<EOC>`,
+        with the item's image or (shuffled) another item's: how much the image tells about its caption."""
+        items = shuffled_images(self.queries, self.settings.seed) if shuffled else self.queries
+        media, eoc = self.model.media_token_id, self.model.eoc_token_id
+        total, tokens = 0.0, 0
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            truth = [ex.answers[0] for ex in self.queries[start : start + batch]]
+            rows = [[media, *self.encode(caption)[0].tolist(), eoc] for caption in truth]
+            length = max(map(len, rows))
+            ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            labels = ids.masked_fill((mask == 0) | (ids == media), -100)
+            images = torch.stack([self.pixels(ex.image) for ex in chunk])[:, None, None].to(self.device)
+            n = int((labels[:, 1:] != -100).sum())
+            out = self.model(ids.to(self.device), mask.to(self.device), images, labels=labels.to(self.device))
+            total, tokens = total + out.loss.item() * n, tokens + n
+        return total / tokens
 
     def run_all(self) -> list[dict[str, Any]]:
         results = []
@@ -189,24 +269,40 @@ class Evaluator:
         return results
 
 
-def chance_level(task: str, data: TaskData) -> float | None:
-    """Accuracy of guessing uniformly among the classes (classification only)."""
-    return 1.0 / len(data.classes) if task == "classification" and data.classes else None
+def chance_level(task: str, examples: list[Example], classes: list[str]) -> dict[str, Any] | None:
+    """What guessing uniformly among each item's candidates scores (ranking tasks only): the expected accuracy
+    and the central 95% range of a guesser's accuracy on these items."""
+    if task not in RANKED or not examples:
+        return None
+    mean, low, high = chance_interval([1.0 / len(ex.choices or classes) for ex in examples])
+    return {"score": mean, "ci95": [low, high]}
+
+
+def cell(score: float, interval: list[float] | None) -> str:
+    """`0.850 [0.77, 0.91]`: a score and its 95% interval."""
+    return f"{score:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """shots × (real images, shuffled images, chance), each score with its 95% interval."""
     rows = report["results"]
     columns = sorted({r["images"] for r in rows}, key=["real", "shuffled"].index)
-    head = f"{report['task']} ({report['metric']}, n={rows[0]['n'] if rows else 0}"
-    head += f", chance={report['chance']:.3f})" if report.get("chance") is not None else ")"
-    lines = [head, f"{'shots':>5}  {'selection':<10}" + "".join(f"{c + ' images':>17}" for c in columns)]
+    chance = report.get("chance")
+    width = 22
+    head = f"{report['task']} ({report['metric']}, n={rows[0]['n'] if rows else 0}, 95% intervals over items)"
+    titles = [c + " images" for c in columns] + (["chance"] if chance else [])
+    lines = [head, f"{'shots':>5}  {'support':<10}" + "".join(f"{t:>{width}}" for t in titles)]
     for shots in dict.fromkeys(r["shots"] for r in rows):
         cells = {r["images"]: r for r in rows if r["shots"] == shots}
         selection = next(iter(cells.values()))["selection"]
-        lines.append(
-            f"{shots:>5}  {selection:<10}"
-            + "".join(f"{cells[c]['score']:>17.3f}" if c in cells else " " * 17 for c in columns)
-        )
+        texts = [cell(cells[c]["score"], cells[c].get("ci95")) if c in cells else "" for c in columns]
+        if chance:
+            texts.append(cell(chance["score"], chance["ci95"]))
+        lines.append(f"{shots:>5}  {selection:<10}" + "".join(f"{t:>{width}}" for t in texts))
+    if report.get("caption_loss"):
+        loss = report["caption_loss"]
+        lines.append(f"held-out caption loss (NLL/token, n={loss['n']}): real images {loss['real']:.3f}, "
+                     f"shuffled {loss['shuffled']:.3f}, ratio {loss['ratio']:.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -220,18 +316,52 @@ def evaluate(
     """Run every (shots × images real/shuffled) setting and return the report (also what `--out` holds)."""
     queries = load_task_data(settings.task, data, images)
     pool = load_task_data(settings.task, support, images) if support else queries
+    if settings.task == "binding" and (support or any(not ex.support for ex in queries.examples)):
+        raise ValueError("binding items bring their own support (their episode): --support does not apply")
     if settings.task == "classification" and pool.classes != queries.classes:
         raise ValueError(f"support classes {pool.classes} differ from query classes {queries.classes}")
     evaluator = Evaluator(model, settings, queries, pool)
-    return {
+    report = {
         "task": settings.task,
         "metric": METRICS[settings.task],
-        "chance": chance_level(settings.task, queries),
+        "chance": chance_level(settings.task, evaluator.queries, evaluator.classes),
         "data": str(data),
         "support": str(support or data),
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
         "results": evaluator.run_all(),
     }
+    if settings.task == "captioning":
+        real, shuffled = evaluator.caption_loss(False), evaluator.caption_loss(True)
+        report["caption_loss"] = {"real": real, "shuffled": shuffled, "ratio": real / shuffled,
+                                  "n": len(evaluator.queries)}  # fmt: skip
+    return report
+
+
+def log_tensorboard(report: dict[str, Any], run_dir: str | Path) -> None:
+    """Scores (x axis: shots) with their 95% bounds and chance, and the rendered prompts of the largest shot
+    count, into a TensorBoard run folder (a training run's own folder puts them next to its curves)."""
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    from m3w.trainer.fewshot.render import render_prompt
+
+    task = report["task"]
+    with SummaryWriter(str(run_dir)) as tb:
+        for r in report["results"]:
+            tag = f"eval/{task}/{r['images']}_images"
+            tb.add_scalar(tag, r["score"], r["shots"])
+            tb.add_scalar(f"{tag}_ci95_low", r["ci95"][0], r["shots"])
+            tb.add_scalar(f"{tag}_ci95_high", r["ci95"][1], r["shots"])
+            if report.get("chance"):
+                tb.add_scalar(f"eval/{task}/chance", report["chance"]["score"], r["shots"])
+        last = max((r for r in report["results"] if r["images"] == "real"), key=lambda r: r["shots"])
+        predictions = {p["id"]: p for p in last["predictions"]}
+        for i, shown in enumerate(last["prompts"]):
+            answer = predictions[shown["id"]]
+            picture = render_prompt(shown["text"], shown["images"], answer["prediction"], answer["answers"])
+            tb.add_image(f"eval/{task}/{last['shots']}-shot sample {i}", np.asarray(picture), last["shots"],
+                         dataformats="HWC")  # fmt: skip
+        tb.add_text(f"eval/{task}/table", "    " + format_table(report).replace("\n", "\n    "))
 
 
 @click.command("eval")
@@ -271,6 +401,13 @@ def evaluate(
 @click.option("--limit", type=int, default=None, help="Score only the first N query items.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(), default=None, help="Write the results JSON here.")
+@click.option(
+    "--tensorboard",
+    "tensorboard_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A TensorBoard run folder (e.g. the training run's) for the scores and a few rendered prompts.",
+)
 def eval_cmd(
     model_dir,
     task,
@@ -286,8 +423,9 @@ def eval_cmd(
     limit,
     seed,
     out,
+    tensorboard_dir,
 ):
-    """Few-shot evaluation: captioning (CIDEr), VQA (VQA accuracy), classification (accuracy)."""
+    """Few-shot evaluation: captioning (CIDEr), VQA (VQA accuracy), classification and fast binding (accuracy)."""
     from m3w.model import Flamingo
 
     settings = EvalSettings(
@@ -312,3 +450,6 @@ def eval_cmd(
         with atomic_open(out, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"results: {out}")
+    if tensorboard_dir:
+        log_tensorboard(report, tensorboard_dir)
+        click.echo(f"tensorboard: {tensorboard_dir}")

@@ -13,7 +13,7 @@ from torch import nn
 
 from m3w.config import to_dict
 from m3w.pipeline.io import atomic_open
-from m3w.trainer.config import TrainConfig
+from m3w.trainer.config import TrainConfig, tensorboard_run_dir
 from m3w.trainer.distributed import DistEnv, is_fsdp, unwrap
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,7 +31,7 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(tensorboard_run_dir(cfg)), purge_step=start_step + 1)
         if cfg.wandb_project:
             try:
                 import wandb

@@ -52,6 +52,8 @@ RESUMABLE_CHANGES = (
     "checkpoint_every",
     "keep_checkpoints",
     "tensorboard",
+    "tensorboard_dir",
+    "run_name",
     "wandb_project",
     "gradient_checkpointing",
     "datasets.*.prefetch_factor",

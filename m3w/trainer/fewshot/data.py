@@ -2,7 +2,11 @@
 
 - captioning: COCO caption JSON (`images` with `id`/`file_name`, `annotations` with `image_id`/`caption`);
 - vqa: VQAv2 question JSON (`questions`) + annotation JSON (`annotations`, ten `answers` each);
-- classification: an image folder, `root/<class name>/<image>`.
+- classification: an image folder, `root/<class name>/<image>`;
+- binding: fast binding (Frozen, Tsimpoukelli et al. 2021, open-ended miniImageNet): a JSON list of questions,
+  each with its own support `image_1..image_n` / `caption_1..caption_n` ("this is a dax"), a `question_image`
+  and the `answer` (the made-up name bound to that kind of image in the support), shaped like the files of
+  DeepMind's released open-ended miniImageNet.
 
 A `--data` path is either the JSON file(s)' directory or the file itself; images are looked up in `images/` next
 to the JSON (or the JSON's own directory), by `file_name` or, for VQA, by the 12-digit image id in the file name
@@ -16,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("captioning", "vqa", "classification")
+TASKS = ("captioning", "vqa", "classification", "binding")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
@@ -29,6 +33,8 @@ class Example:
     image: Path
     answers: tuple[str, ...]
     question: str | None = None
+    choices: tuple[str, ...] = ()  # the answers ranked for this item (binding: its episode's names)
+    support: tuple[Example, ...] = ()  # the item's own in-context examples, in order (binding: its episode)
 
 
 @dataclass
@@ -115,6 +121,43 @@ def load_image_folder(path: str | Path) -> TaskData:
     return TaskData("classification", examples, classes)
 
 
+BINDING_CAPTION = re.compile(r"^\s*this is an? (?P<name>.+?)[.\s]*$", re.IGNORECASE)
+
+
+def load_binding(path: str | Path, images: str | Path | None = None) -> TaskData:
+    """Fast-binding questions: each is an episode (support images with "this is a <name>" captions, then the
+    question image); the choices are the episode's names, in order of first appearance."""
+    json_path = _find_json(Path(path), "*all_questions.json", "*.json")
+    image_dir = _image_dir(json_path, Path(images) if images else None)
+    examples = []
+    for entry in json.loads(json_path.read_text()):
+        support = []
+        for i in range(1, len(entry) + 1):
+            if f"image_{i}" not in entry:
+                break
+            caption = entry[f"caption_{i}"]
+            match = BINDING_CAPTION.match(caption)
+            if match is None:
+                raise ValueError(f"{json_path}: question {entry['question_id']}: caption {caption!r} is not "
+                                 "'this is a <name>'")  # fmt: skip
+            support.append(Example(f"{entry['question_id']}/{i}", image_dir / entry[f"image_{i}"],
+                                   (match["name"],)))  # fmt: skip
+        names = tuple(dict.fromkeys(ex.answers[0] for ex in support))
+        if entry["answer"] not in names:
+            raise ValueError(f"{json_path}: question {entry['question_id']}: answer {entry['answer']!r} is "
+                             f"none of its support's names {names}")  # fmt: skip
+        examples.append(
+            Example(
+                str(entry["question_id"]),
+                image_dir / entry["question_image"],
+                (entry["answer"],),
+                choices=names,
+                support=tuple(support),
+            )  # fmt: skip
+        )
+    return TaskData("binding", examples)
+
+
 def load_task_data(task: str, path: str | Path, images: str | Path | None = None) -> TaskData:
     if task == "captioning":
         return load_coco_captions(path, images)
@@ -122,4 +165,6 @@ def load_task_data(task: str, path: str | Path, images: str | Path | None = None
         return load_vqa(path, images)
     if task == "classification":
         return load_image_folder(path)
+    if task == "binding":
+        return load_binding(path, images)
     raise ValueError(f"unknown task {task!r}; one of {TASKS}")

@@ -156,3 +156,55 @@ def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     if len(predictions) != len(labels) or not labels:
         raise ValueError("accuracy needs as many predictions as labels, and at least one")
     return sum(p == t for p, t in zip(predictions, labels)) / len(labels)
+
+
+# --- confidence intervals over items ------------------------------------------------------------------------
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (`correct` of `n` items right): unlike the normal
+    approximation, it stays inside [0, 1] and is honest near 0 and 1 and for small n."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one item")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(scores: Sequence[float], seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-item scores (CIDEr, VQA accuracy), seeded."""
+    import numpy as np
+
+    if not scores:
+        raise ValueError("an interval needs at least one item")
+    values = np.asarray(scores, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[draws].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def chance_interval(probabilities: Sequence[float]) -> tuple[float, float, float]:
+    """Accuracy of a uniform guesser over items whose chance of a right guess is `probabilities[i]`: the
+    expected value and the central 95% range of what it scores on these items (the exact distribution of a sum
+    of independent Bernoulli draws, by dynamic programming)."""
+    if not probabilities:
+        raise ValueError("chance needs at least one item")
+    n = len(probabilities)
+    dist = [1.0]  # dist[k]: probability that k guesses are right
+    for p in probabilities:
+        nxt = [0.0] * (len(dist) + 1)
+        for k, mass in enumerate(dist):
+            nxt[k] += mass * (1 - p)
+            nxt[k + 1] += mass * p
+        dist = nxt
+    cumulative, low, high = 0.0, None, None
+    for k, mass in enumerate(dist):
+        cumulative += mass
+        if low is None and cumulative >= 0.025:
+            low = k
+        if high is None and cumulative >= 0.975:
+            high = k
+    return sum(probabilities) / n, low / n, high / n

@@ -7,6 +7,7 @@ paper does, so the model still sees the answer format. `{question}` in a prompt 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ DEFAULT_PROMPTS = {
     "captioning": "Output:",
     "vqa": "Question:{question} Short answer:",
     "classification": "A photo of a",
+    "binding": "This is a",  # Frozen's fast binding: "this is a dax"
 }
 MAX_NEW_TOKENS = {"captioning": 20, "vqa": 5}
 ZERO_SHOT_TEXT_EXAMPLES = 2
@@ -60,3 +62,13 @@ def build_prompt(template: str, query: Example, support: list[Example], text_onl
     parts.append(MEDIA_TOKEN + render(template, query))
     images.append(query.image)
     return Prompt("".join(parts), images)
+
+
+# Where a generated VQA answer ends: OpenFlamingo's postprocess_vqa_generation cuts at "Question", "Answer",
+# "Short" and ", "; a sentence end cuts too, since web text goes on after its answers ("Short answer: blue. The").
+VQA_ANSWER_END = re.compile(r"Question|Answer|Short|, |[.!?](?:\s|$)")
+
+
+def short_answer(generated: str) -> str:
+    """The answer in a VQA generation: its first line, up to where the model goes on to something else."""
+    return VQA_ANSWER_END.split(generated.strip().split("\n")[0], maxsplit=1)[0].strip()
