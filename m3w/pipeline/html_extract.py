@@ -961,11 +961,11 @@ def _is_meta_line(text: str) -> bool:
     if len(text) < NOTICE_CHARS and _LABELLED_AD.match(text):
         return True
     if (
-        len(text) < COOKIE_NOTICE_CHARS
-        and _COOKIE_NOTICE.search(text[:COOKIE_NOTICE_HEAD])
-        and _COOKIE_CONTEXT.search(text)
-    ):
-        return True
+        len(text) < COOKIE_NOTICE_CHARS and "ookie" in text
+    ):  # a substring test first: most lines say no cookie
+        head = text[:COOKIE_NOTICE_HEAD]
+        if _COOKIE_NOTICE.search(head) and _COOKIE_CONTEXT.search(text):
+            return True
     if len(text) >= 80:
         return False
     words = len(text.split())
