@@ -4,10 +4,10 @@
 
 Documents come from extracting the WARC (the same run gives extract's rate, via bench/extract.py). Every image
 URL of those documents is put into an image store with status ok, pointing at the webcorpus photos resized to
-320×320, so the shard stage sees real pages with their real image counts and no network. Then the unit step
-(tokenise, cut windows) and the merge step (read blobs, write tars) run in this process under a CPU clock. The
-shard stage is not the bottleneck when its documents/CPU-s is well above extract's pages/CPU-s. The last line is
-`samples_per_cpu_s=<float> bytes_per_sample=<float>`.
+320×320, so the shard stage sees real pages with their real image counts and no network. Then one shard unit
+(look up the images, tokenise, cut windows, read the image bytes, write the tars) runs in this process under a
+CPU clock. The shard stage is not the bottleneck when its documents/CPU-s is well above extract's pages/CPU-s.
+The last line is `samples_per_cpu_s=<float> bytes_per_sample=<float>`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ from PIL import Image  # noqa: E402
 from m3w.config import to_dict  # noqa: E402
 from m3w.pipeline.extract import ExtractConfig, iter_warc_documents  # noqa: E402
 from m3w.pipeline.images import resize  # noqa: E402
-from m3w.pipeline.imagestore import ImageStore  # noqa: E402
+from m3w.pipeline.imagestore import BlobShardWriter, ImageStore, index_generation, write_rows  # noqa: E402
 from m3w.pipeline.io import write_parquet_atomic  # noqa: E402
-from m3w.pipeline.shards import ShardsConfig, cached_tokenizer, m3w_unit, merge_parts  # noqa: E402
+from m3w.pipeline.shards import ShardsConfig  # noqa: E402
+from m3w.pipeline.shards.interleaved import m3w_unit  # noqa: E402
+from m3w.pipeline.shards.samples import cached_tokenizer  # noqa: E402
+from m3w.schemas import images as image_spec  # noqa: E402
 from m3w.schemas.documents import DOCUMENT_SCHEMA  # noqa: E402
 
 WEBCORPUS = ROOT.parent / "shared" / "webcorpus"
@@ -62,17 +65,25 @@ def build_inputs(warc: str, root: Path) -> tuple[Path, Path, int]:
     )
     run_filter(root / "documents", root / "filtered")
     (filtered,) = sorted((root / "filtered").glob("*.parquet"))
-    store = ImageStore(root / "images")
-    blobs = []
+    store = ImageStore(str(root / "images"))
+    store.create({}, buckets=image_spec.DEFAULT_BUCKETS)
+    shard = image_spec.shard_id(1, 0)
+    blobs = BlobShardWriter(store, shard)
+    stored = []
     for path in sorted((WEBCORPUS / "photos").iterdir()):
         if path.suffix in (".png", ".jpg"):
             out = io.BytesIO()
             resize(Image.open(path).convert("RGB"), 320, "center_crop").save(out, format="JPEG", quality=90)
-            blobs.append(store.write_blob(out.getvalue()))
+            stored.append(blobs.add(out.getvalue()))
+    blobs.close()
     urls = sorted({n["url"] for d in docs for n in d["nodes"] if n["kind"] == "image" and n["url"]})
-    rows = [{"url": u, "status": "ok", "resized_sha256": blobs[i % len(blobs)], "attempts": 1}
-            for i, u in enumerate(urls)]  # fmt: skip
-    store.write_index("bench", rows)
+    rows = []
+    for i, url in enumerate(urls):
+        sha, offset, length = stored[i % len(stored)]
+        rows.append({"url": url, "status": "ok", "attempts": 1, "resized_sha256": sha, "blob_offset": offset,
+                     "blob_length": length})  # fmt: skip
+    write_rows(store, shard, rows)
+    index_generation(store, 1, [shard])
     return filtered, root / "images", len(docs)
 
 
@@ -87,27 +98,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         filtered, store, n_pages = build_inputs(warc, root)
-        part = root / "out" / "m3w" / "_parts" / "docs.jsonl"
-        part.parent.mkdir(parents=True)
         cpu = time.process_time()
-        _, counts = m3w_unit({"input": str(filtered), "store": str(store), "part": str(part),
-                              "config": to_dict(config)})  # fmt: skip
-        unit_cpu = time.process_time() - cpu
-        cpu = time.process_time()
-        image_store = ImageStore(store)
-        manifest = merge_parts([part], root / "out" / "m3w", dataset="m3w", name="m3w",
-                               read_media=image_store.read_blob, config=config,
-                               tok_info=cached_tokenizer(None)[1], config_hash="bench", inputs=["docs"],
-                               failed_units=[])  # fmt: skip
-        merge_cpu = time.process_time() - cpu
-    totals = manifest["totals"]
-    samples, total_cpu = totals["samples"], unit_cpu + merge_cpu
+        output, counts = m3w_unit({"input": str(filtered), "store": str(store), "uid": "bench",
+                                   "out": str(root / "out"), "config": to_dict(config),
+                                   "datasets": [{"dataset": "m3w", "name": "m3w", "dedup": False}]})  # fmt: skip
+        total_cpu = time.process_time() - cpu
+    shards = output["m3w"]
+    totals = {k: sum(s[k] for s in shards) for k in ("samples", "images", "tokens", "bytes")}
+    samples = totals["samples"]
     docs, per_page = counts["documents"], n_pages / total_cpu
     print(
         f"shards m3w: {n_pages} extracted pages → {docs} filtered documents → {samples} samples, "
         f"{totals['images']} images, {totals['tokens']} tokens; counts {json.dumps(counts, sort_keys=True)}"
     )
-    print(f"  unit (tokenise + windows): {unit_cpu:.2f} CPU-s; merge (blobs → tars): {merge_cpu:.2f} CPU-s")
+    print(f"  one unit (lookups, tokenise, windows, image reads, tars): {total_cpu:.2f} CPU-s")
     print(f"  {docs / total_cpu:.1f} filtered documents/CPU-s = {per_page:.1f} extracted pages/CPU-s, vs extract "
           f"{extract_rate:.1f} pages/CPU-s: {per_page / extract_rate:.1f}x extract's rate "
           f"({'not' if per_page > extract_rate else 'IS'} the bottleneck)")  # fmt: skip

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,11 +26,56 @@ ROOT = Path(__file__).resolve().parents[1]
 WEBCORPUS = Path(os.environ.get("M3W_WEBCORPUS", ROOT.parent / "shared" / "webcorpus"))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The S3 API server of the object-storage tests (moto in server mode, as s3fs's own tests run it) listens here.
+# Its endpoint is fixed before any Ray worker starts, so workers inherit it, and every s3:// access of the
+# test session goes to 127.0.0.1, never to AWS.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(AWS_ENDPOINT_URL_S3=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def webcorpus() -> Path:
     if not (WEBCORPUS / "warc").is_dir():
         pytest.fail(f"webcorpus not found at {WEBCORPUS} (set M3W_WEBCORPUS)")
     return WEBCORPUS
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """A bucket on an S3 API server on 127.0.0.1, started for the session and stopped by its pid. Yields
+    "s3://<bucket>"."""
+    import fsspec
+
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the S3 API server did not start on {S3_ENDPOINT}")
+                time.sleep(0.1)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("m3w-test")
+        yield "s3://m3w-test"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

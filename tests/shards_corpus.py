@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 WARCS = ("postlight_parser.warc.gz", "cleaneval_dev.warc.gz")
 
@@ -62,17 +61,22 @@ def image_handler(photos: list[bytes]) -> type[http.server.BaseHTTPRequestHandle
     return Handler
 
 
-def rewrite_image_urls(src_dir: Path, dst_dir: Path, base_url: str) -> None:
-    """Copy every parquet file, pointing each image node at `base_url/img/<sha1 of the original URL>.jpg`."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src_dir.glob("*.parquet")):
-        table = pq.read_table(path)
+def rewrite_image_urls(src_dir: str | Path, dst_dir: str | Path, base_url: str) -> None:
+    """Copy every documents file (a local folder or a URL), pointing each image node at
+    `base_url/img/<sha1 of the original URL>.jpg`."""
+    from m3w.pipeline import io
+    from m3w.schemas.documents import document_files
+
+    for url in document_files(src_dir):
+        table = io.read_parquet(url)
         rows = table.to_pylist()
         for row in rows:
             for node in row["nodes"]:
                 if node["kind"] == "image" and node["url"]:
                     node["url"] = f"{base_url}/img/{hashlib.sha1(node['url'].encode()).hexdigest()}.jpg"
-        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), dst_dir / path.name)
+        io.write_parquet_atomic(
+            pa.Table.from_pylist(rows, schema=table.schema), io.join(dst_dir, io.name_of(url))
+        )
 
 
 def build_corpus(root: Path, webcorpus: Path, start_http_server) -> Corpus:

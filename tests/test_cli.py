@@ -147,7 +147,7 @@ def test_unknown_keys_in_yaml_and_set(stage, inputs, no_ray):
         (["tokenizer", "train", "garbage_tar", "--out", "out"], "tokenizer", ["garbage.tar: not a WARC"]),
         (["tokenizer", "train", "empty", "--out", "out"], "tokenizer", ["no WARC files", "empty"]),
         (["extract", "warc", "--out", "warc"], "extract", ["exists and is not a directory"]),
-        (["stats", "empty"], "stats", ["_manifest.jsonl"]),
+        (["stats", "empty"], "stats", ["no stage manifest", "empty"]),
         (["extract"], "extract", ["Missing option '--out'"]),
         (["nosuchcommand"], "", ["No such command 'nosuchcommand'"]),
     ],

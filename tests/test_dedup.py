@@ -269,7 +269,7 @@ def reference_dedup(docs_dir: Path, signals_dir: Path, cfg: DedupConfig) -> set[
     excluded rows (doc_id, level, node_index, filter, reason) that a dedup-only filter run must write."""
     docs, pages = [], []
     for unit in document_files(docs_dir):
-        (signals,) = signals_dir.glob(f"{unit.stem}.*.parquet")
+        (signals,) = signals_dir.glob(f"{Path(unit).stem}.*.parquet")
         docs += pq.read_table(signals).to_pylist()
         pages += iter_documents(unit)
     newest = lambda i: (_when(docs[i]["fetch_date"]), docs[i]["doc_id"], i)  # noqa: E731

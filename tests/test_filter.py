@@ -179,12 +179,11 @@ def test_threshold_change_replays_from_cache_and_equals_a_fresh_run(
     assert replay["counts"] == fresh["counts"]
     assert replay["counts"]["out.paragraphs"] < first["counts"]["out.paragraphs"]
 
-    # A job killed after one unit (the last unit's manifest line never written, its output gone) redoes
+    # A job killed after one unit (the last unit's manifest entry never written, its output gone) redoes
     # only that unit.
-    manifest = fresh_out / "_manifest.jsonl"
-    lines = manifest.read_text().splitlines(keepends=True)
-    last_unit = json.loads(lines[-1])["unit"]
-    manifest.write_text("".join(lines[:-1]))
+    last_entry = sorted((fresh_out / "_manifest" / "filter").glob("*.json"))[-1]
+    last_unit = json.loads(last_entry.read_text())["unit"]
+    last_entry.unlink()
     (fresh_out / f"{last_unit}.parquet").unlink()
     resumed = run_filter(docs, fresh_out, changed, ray_address=ray_address)
     assert (resumed["done"], resumed["skipped"], resumed["failed"]) == (1, 1, 0)
@@ -307,7 +306,7 @@ def test_cli_filter_and_stats_table_and_png(tmp_path, webcorpus_documents, ray_a
     )
     assert bad.returncode == 2 and "paragraph.nope: unknown key" in bad.stderr
     missing = subprocess.run([*cmd, "stats", str(docs / "..")], capture_output=True, text=True, cwd=ROOT)
-    assert missing.returncode == 2 and "_manifest.jsonl" in missing.stderr
+    assert missing.returncode == 2 and "no stage manifest" in missing.stderr
 
 
 def test_dedup_on_every_webcorpus_page_equals_the_rules_in_plain_python(

@@ -263,7 +263,7 @@ def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetch
 
     from m3w.pipeline.images import run_images
     from m3w.pipeline.imagestore import ImageStore
-    from m3w.pipeline.shards import stored_images
+    from m3w.pipeline.shards.interleaved import stored_images
     from m3w.pipeline.stats import format_funnel, funnel
 
     names = ["sklearn_china.jpg", "skimage_clock_motion.png", "skimage_page.png", "skimage_coffee.png"]
@@ -296,7 +296,7 @@ def test_images_stage_stores_scores_and_a_threshold_change_replays_without_fetch
     assert second.fetched == 0 and sum(hits.values()) == fetched_before  # nothing fetched, nothing re-scored
     assert second.filter_drops == {"image.blur": 1, "image.text_share": 1}, second.filter_drops
     docs = [{"nodes": [{"kind": "image", "url": f"{base}{p}"} for p in routes]}]
-    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes} - {
+    assert set(stored_images(ImageStore(store), docs)) == {f"{base}{p}" for p in routes} - {
         f"{base}/skimage_clock_motion.png", f"{base}/skimage_page.png"}  # fmt: skip
     table = format_funnel(funnel([store]))
     assert "image.blur" in table and "image.text_share" in table, table
@@ -349,7 +349,7 @@ def test_images_stage_compares_each_image_with_its_text_on_the_page(
 
     from m3w.pipeline.image_filters.models import ClipRelevance
     from m3w.pipeline.images import run_images
-    from m3w.pipeline.imagestore import ImageStore
+    from m3w.pipeline.imagestore import BlobRef, ImageStore
     from m3w.schemas import documents as doc_spec
 
     names = ["sklearn_china.jpg", "skimage_coffee.png", "skimage_coins.png"]
@@ -380,7 +380,7 @@ def test_images_stage_compares_each_image_with_its_text_on_the_page(
     assert rows[coins]["clip_similarity"] is None  # no text on its page
     model = ClipRelevance.load(clip)
     for url, text in ((china, "a temple roof in china"), (coffee, "a cup of coffee on a table")):
-        image = Image.open(io.BytesIO(store.read_blob(rows[url]["resized_sha256"]))).convert("RGB")
+        image = Image.open(io.BytesIO(store.read_blob(BlobRef.of(rows[url])))).convert("RGB")
         assert rows[url]["clip_similarity"] == pytest.approx(float(model.score([image], [text])[0]), abs=1e-5)
         assert rows[url]["clip_model"] == str(tiny_clip)
 
@@ -389,13 +389,11 @@ def test_images_stage_compares_each_image_with_its_text_on_the_page(
 
 
 def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_path) -> None:
-    """Map per index file, reduce per key range: the counts equal a group-by of every stored image's pHash,
+    """Map per run of rows files, reduce per partition: the counts equal a group-by of every stored image's pHash,
     however many ranges; rows that are not stored images do not count; a run over the same files is cached."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from m3w.pipeline.dedup.keys import hash_partition
     from m3w.pipeline.image_filters.duplicates import _runs, duplicate_counts, run_phash_counts, shuffle_keys
+    from m3w.pipeline.imagestore import ImageStore, write_rows
     from m3w.schemas import images as spec
 
     rng = np.random.default_rng(0)
@@ -408,15 +406,14 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
             {"url": f"bad{i}", "status": "http_error", "phash": int(pool[0])},
             {"url": f"n{i}", "status": "ok"},
         ]
-        path = tmp_path / "index" / f"{i}.parquet"
-        path.parent.mkdir(exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=spec.IMAGE_INDEX_SCHEMA), path)
-        files.append(path)
+        shard = spec.shard_id(1, i)
+        write_rows(ImageStore(tmp_path), shard, rows)
+        files.append(tmp_path / spec.rows_relpath(shard))
         every_phash.extend(phashes.tolist())
     values, counts = np.unique(every_phash, return_counts=True)
     expected = {int(v): int(c) for v, c in zip(values, counts) if c >= 2}
 
-    # 5 files of 32 index rows, ≤ 70 rows a task: 3 map tasks (2 + 2 + 1 files), 3 partitions.
+    # 5 rows files of 32 rows, ≤ 70 rows a task: 3 map tasks (2 + 2 + 1 files), 3 partitions.
     key = run_phash_counts(tmp_path, files, ray_address, rows_per_task=70)
     counted = tmp_path / "_phash" / "counts" / key
     assert len(list(counted.glob("*.parquet"))) == 3 and not (counted / "map").exists()  # the shuffle went
@@ -428,7 +425,7 @@ def test_phash_counts_are_a_partitioned_group_by_of_the_store(ray_address, tmp_p
     fewer = run_phash_counts(tmp_path, files[:2], ray_address)
     assert fewer != key and not (tmp_path / "_phash" / "counts" / key).exists()
     assert sum(duplicate_counts(str(tmp_path), fewer).values()) < sum(expected.values())
-    # Map tasks read runs of consecutive index files up to the row budget; a file over it alone.
+    # Map tasks read runs of consecutive rows files up to the row budget; a file over it alone.
     assert _runs([32] * 5, 70) == [range(0, 2), range(2, 4), range(4, 5)]
     assert _runs([100, 1, 1], 70) == [range(0, 1), range(1, 3)] and _runs([], 70) == []
     # The shuffle keys spread the pHashes over the partitions (pHash bits are not uniform), without collisions.
@@ -448,7 +445,7 @@ def test_images_stage_counts_phash_duplicates_and_drops_overused_pictures(
     from m3w.pipeline.image_filters.duplicates import duplicate_counts
     from m3w.pipeline.images import run_images
     from m3w.pipeline.imagestore import ImageStore
-    from m3w.pipeline.shards import stored_images
+    from m3w.pipeline.shards.interleaved import stored_images
     from m3w.pipeline.stats import format_funnel, funnel
     from m3w.schemas.images import read_phash_counts
 
@@ -467,7 +464,7 @@ def test_images_stage_counts_phash_duplicates_and_drops_overused_pictures(
 
     first = run([urls], config=config)
     assert first.statuses == {"ok": 5} and first.filter_drops == {} and first.units_failed == 0, first
-    rows = ImageStore(store).table().to_pylist()
+    rows = list(ImageStore(store).iter_rows())
     by_hash = Counter(row["phash"] for row in rows)
     china_hash = next(r["phash"] for r in rows if r["url"].endswith("/sklearn_china.jpg"))
     assert by_hash[china_hash] >= 3  # the original and (most of) its copies hash alike
@@ -479,17 +476,17 @@ def test_images_stage_counts_phash_duplicates_and_drops_overused_pictures(
     config.image_filters.phash.max_duplicates = 2
     second = run([more], config=config)
     assert second.fetched == 1 and second.units_failed == 0, second
-    rows = ImageStore(store).table().to_pylist()
+    rows = list(ImageStore(store).iter_rows())
     by_hash = Counter(row["phash"] for row in rows)
     overused = {r["url"] for r in rows if by_hash[r["phash"]] > 2}
     assert len(overused) >= 4 and f"{base}/sklearn_china.jpg" in overused
     assert second.filter_drops == {"image.phash_duplicates": len(overused)}, second.filter_drops
     docs = [{"nodes": [{"kind": "image", "url": f"{base}{p}"} for p in routes]}]
-    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes} - overused
+    assert set(stored_images(ImageStore(store), docs)) == {f"{base}{p}" for p in routes} - overused
     assert "image.phash_duplicates" in format_funnel(funnel([store]))
 
     config.image_filters.phash.max_duplicates = None  # a looser rule: replayed, nothing fetched
     before = sum(hits.values())
     third = run([more], config=config)
     assert third.fetched == 0 and third.filter_drops == {} and sum(hits.values()) == before
-    assert set(stored_images(docs, str(store))) == {f"{base}{p}" for p in routes}
+    assert set(stored_images(ImageStore(store), docs)) == {f"{base}{p}" for p in routes}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from collections import Counter
@@ -25,7 +27,7 @@ from PIL import Image
 
 from m3w.pipeline.filters import FilterConfig, check_image_size
 from m3w.pipeline.images import ImagesConfig, decode_and_resize, iter_input_urls, resize, run_images
-from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.imagestore import BlobRef, BlobShardWriter, ImageStore, index_generation, write_rows
 from m3w.pipeline.manifest import Manifest
 from m3w.schemas import documents as doc_spec
 from m3w.schemas import images as spec
@@ -85,7 +87,8 @@ def write_urls(path: Path, urls: list[str]) -> Path:
 
 
 def index_rows(store: Path) -> list[dict]:
-    return [row for f in sorted((store / "index").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+    """Every row every fetch unit ever wrote (all attempts), from the rows files."""
+    return [row for f in sorted((store / "rows").glob("*/*.parquet")) for row in pq.read_table(f).to_pylist()]
 
 
 # ------------------------------------------------------------------------------------------ decode / resize
@@ -123,26 +126,69 @@ def test_decode_uses_real_size_and_jpeg_draft(webcorpus: Path) -> None:
 
 def test_store_merges_attempts_and_dedupes_blobs(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
-    assert store.lookup(["http://a/x.jpg"]) == {} and store.final_urls() == set()
-    key = store.write_blob(b"jpeg bytes")
-    assert store.write_blob(b"jpeg bytes") == key and len(list(tmp_path.rglob("*.jpg"))) == 1
-    assert store.read_blob(key) == b"jpeg bytes" and store.blob_path(key).relative_to(tmp_path) == Path(
-        spec.blob_relpath(key)
+    store.create({"image_size": 320}, buckets=4)
+    assert store.lookup(["http://a/x.jpg"]) == {} and store.count() == 0
+    # Generation 1: one unit; the same bytes twice in its shard are stored once.
+    shard = spec.shard_id(1, 0)
+    blobs = BlobShardWriter(store, shard)
+    sha, offset, length = blobs.add(b"jpeg bytes")
+    assert blobs.add(b"jpeg bytes") == (sha, offset, length) and blobs.images == 1
+    blobs.close()
+    write_rows(store, shard, [{"url": "http://a/x.jpg", "status": "timeout", "attempts": 1},
+                              {"url": "http://a/404.jpg", "status": "http_error", "http_status": 404, "attempts": 1},
+                              {"url": "http://a/503.jpg", "status": "http_error", "http_status": 503, "attempts": 1},
+                              {"url": "http://a/reset.jpg", "status": "http_error", "attempts": 1},
+                              {"url": "http://a/one.jpg", "status": "ok", "attempts": 1, "resized_sha256": sha,
+                               "blob_offset": offset, "blob_length": length},
+                              {"url": "http://a/two.jpg", "status": "ok", "attempts": 1, "resized_sha256": sha,
+                               "blob_offset": offset, "blob_length": length}])  # fmt: skip
+    with tarfile.open(tmp_path / spec.blob_relpath(shard)) as tar:
+        assert tar.getnames() == [f"{sha}.jpg"]
+    index_generation(store, 1, [shard])
+    rows = store.lookup(["http://a/404.jpg", "http://a/503.jpg", "http://a/reset.jpg", "http://a/x.jpg"])
+    finals = {u for u, r in rows.items() if spec.is_final(r["status"], r["http_status"])}
+    assert finals == {"http://a/404.jpg"}  # 5xx, timeouts, connection failures: retryable
+    usable = store.usable(["http://a/one.jpg", "http://a/two.jpg", "http://a/x.jpg"])
+    assert set(usable) == {"http://a/one.jpg", "http://a/two.jpg"}
+    assert store.read_blobs(list(usable.values())) == [b"jpeg bytes"] * 2
+    # Generation 2: the retry of x.jpg lands in a later unit with more attempts; it wins in the index.
+    retry = spec.shard_id(2, 0)
+    blobs = BlobShardWriter(store, retry)
+    sha2, offset2, length2 = blobs.add(b"other bytes")
+    blobs.close()
+    write_rows(store, retry, [{"url": "http://a/x.jpg", "status": "ok", "attempts": 2, "resized_sha256": sha2,
+                               "blob_offset": offset2, "blob_length": length2}])  # fmt: skip
+    index_generation(store, 2, [retry])
+    row = store.lookup(["http://a/x.jpg", "http://unknown/"])
+    assert list(row) == ["http://a/x.jpg"] and row["http://a/x.jpg"]["status"] == "ok"
+    assert store.read_blob(BlobRef.of(row["http://a/x.jpg"])) == b"other bytes"
+    assert store.count() == 6 and sorted(r["url"] for r in store.iter_rows()) == sorted(
+        ["http://a/x.jpg", "http://a/404.jpg", "http://a/503.jpg", "http://a/reset.jpg", "http://a/one.jpg",
+         "http://a/two.jpg"])  # fmt: skip
+    # A stale attempt written later (fewer attempts) does not undo the retry: the most attempts win.
+    stale = spec.shard_id(3, 0)
+    write_rows(store, stale, [{"url": "http://a/x.jpg", "status": "timeout", "attempts": 1}])
+    index_generation(store, 3, [stale])
+    assert store.lookup(["http://a/x.jpg"])["http://a/x.jpg"]["attempts"] == 2
+
+
+def test_lookup_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
+    """A store of 20 k URLs in one bucket: a point lookup finds every URL (fence blocks straddled included)
+    and reads a few blocks, not the bucket."""
+    store = ImageStore(tmp_path)
+    store.create({}, buckets=1)
+    shard = spec.shard_id(1, 0)
+    urls = [f"http://h/{i}" for i in range(20_000)]
+    write_rows(
+        store, shard, [{"url": u, "status": "http_error", "http_status": 404, "attempts": 1} for u in urls]
     )
-    # The retry lands in a file that sorts *before* the first attempt: the attempt count decides, not names.
-    store.write_index("b-first", [{"url": "http://a/x.jpg", "status": "timeout", "attempts": 1},
-                                  {"url": "http://a/404.jpg", "status": "http_error", "http_status": 404, "attempts": 1},
-                                  {"url": "http://a/503.jpg", "status": "http_error", "http_status": 503, "attempts": 1},
-                                  {"url": "http://a/reset.jpg", "status": "http_error", "attempts": 1}])  # fmt: skip
-    assert store.final_urls() == {"http://a/404.jpg"}  # 5xx, timeouts, connection failures: retryable
-    store.write_index(
-        "a-retry", [{"url": "http://a/x.jpg", "status": "ok", "attempts": 2, "resized_sha256": key}]
-    )
-    rows = store.lookup(["http://a/x.jpg", "http://unknown/"])
-    assert list(rows) == ["http://a/x.jpg"] and rows["http://a/x.jpg"]["status"] == "ok"
-    assert store.final_urls() == {"http://a/404.jpg", "http://a/x.jpg"} and len(store.table()) == 4
-    with pytest.raises(FileNotFoundError):
-        store.read_blob("0" * 64)
+    index_generation(store, 1, [shard])
+    index_bytes = (tmp_path / spec.index_relpath(0, 1)).stat().st_size
+    assert index_bytes > 20_000 * spec.INDEX_RECORD.itemsize
+    found = store.locate(urls[::7] + ["http://h/missing"])
+    assert set(found) == set(urls[::7])
+    rows = store.lookup(urls[:5])
+    assert [rows[u]["url"] for u in urls[:5]] == urls[:5]
 
 
 # --------------------------------------------------------------------------------------- the whole stage
@@ -233,16 +279,25 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
         )
         assert row["status"] == want, (path.name, row)
         if want == "ok":
-            stored = Image.open(io.BytesIO(store.read_blob(row["resized_sha256"])))
+            stored = Image.open(io.BytesIO(store.read_blob(BlobRef.of(row))))
             assert stored.size == (320, 320) and stored.format == "JPEG"
             assert (row["resized_width"], row["resized_height"]) == (320, 320)
     assert sum(rows[f"{base}/photos/{p.name}"]["status"] == "ok" for p in photos) >= 15
 
-    # The same bytes under two URLs: two rows, one blob.
+    # The same bytes under two URLs: two rows, the same image (stored once if one unit fetched both).
     twin, dup = rows[f"{base}/photos/sklearn_china.jpg"], rows[f"{base}/dup/same-bytes.jpg"]
     assert twin["resized_sha256"] == dup["resized_sha256"] and twin["sha256"] == dup["sha256"]
-    blobs = list((store_dir / "blobs").rglob("*.jpg"))
-    assert len(blobs) == len({r["resized_sha256"] for r in rows.values() if r["resized_sha256"]})
+    assert store.read_blob(BlobRef.of(twin)) == store.read_blob(BlobRef.of(dup))
+    # Every image lives in a blob shard, one tar per fetch unit, each distinct image once per shard.
+    members = {}
+    for tar_path in sorted((store_dir / "blobs").rglob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names))
+        members[tar_path.name] = names
+    assert sum(map(len, members.values())) == len({(r["blob_shard"], r["resized_sha256"]) for r in rows.values()
+                                                   if r["status"] == "ok"})  # fmt: skip
+    assert not list(store_dir.rglob("*.jpg"))  # no file per image
 
     # The crawl's image records: SVG is not an image we decode; raster images get their real size and the
     # filter stage's verdict on it.
@@ -281,7 +336,7 @@ def test_every_case_ends_in_the_right_status(webcorpus, corpus_server, ray_addre
     before = Counter(hits)
     third = run_images([url_file], store_dir, config, ray_address=ray_address, allow_hosts=admit(base))
     assert (third.fetched, third.retries_exhausted) == (0, 2) and Counter(hits) == before
-    assert len(store.table()) == len(urls)  # every URL exactly once in the merged index
+    assert store.count() == len(urls)  # every URL exactly once in the index
 
 
 def test_warc_images_all_decode_without_filters(webcorpus, corpus_server, ray_address, tmp_path) -> None:
@@ -354,7 +409,7 @@ def test_kill_mid_run_then_rerun_keeps_every_url_once(webcorpus, serve_routes, r
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list((store / "index").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+    while len(list((store / "rows").glob("*/*.parquet"))) < 2 and time.monotonic() < deadline:
         assert proc.poll() is None, "the job ended before it could be killed"
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
@@ -370,4 +425,82 @@ def test_kill_mid_run_then_rerun_keeps_every_url_once(webcorpus, serve_routes, r
     # Only the chunk in flight at the kill may have been fetched twice.
     assert sum(hits.values()) <= n + per_unit
     assert all(hits[f"/k/{i}.img"] >= 1 for i in range(n))
-    assert len(ImageStore(store).table()) == n
+    assert ImageStore(store).count() == n
+
+
+# ---------------------------------------------------------------------------------- inputs, lease, migration
+
+
+def test_url_lists_keep_whole_lines(tmp_path: Path) -> None:
+    """A URL list is one URL a line, spaces included (31 of the 4,072 webcorpus image URLs have them)."""
+    urls = ["http://a.example/x y.jpg", "http://a.example/plain.jpg", "http://a.example/ tab\\there.png"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("# a comment\n" + "\n".join(f"  {u}  " for u in urls) + "\n\n")
+    assert list(iter_input_urls([listing])) == urls
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lease_taken_over(tmp_path: Path) -> None:
+    from m3w.pipeline.lease import Lease, LeaseHeld
+
+    with Lease(str(tmp_path)):
+        with pytest.raises(LeaseHeld, match="in use by another job"):
+            Lease(str(tmp_path)).acquire()
+    assert not (tmp_path / "_lease.json").exists()
+    # A job killed on this host leaves its lease: the next run takes it over at once.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / "_lease.json").write_text(json.dumps({"owner": "x", "host": os.uname().nodename,
+                                                      "pid": int(dead.stdout), "expires": time.time() + 600}))  # fmt: skip
+    with Lease(str(tmp_path)) as lease:
+        assert json.loads((tmp_path / "_lease.json").read_text())["owner"] == lease.owner
+
+
+def _legacy_store(root: Path, photos: list[Path]) -> list[str]:
+    """A store in layout 1 (one file per image, index/*.parquet), as earlier versions wrote it."""
+    schema = pa.schema([(f.name, f.type) for f in spec.IMAGE_ROW_SCHEMA if not f.name.startswith(("url_hash", "blob_"))],
+                       metadata={b"m3w.schema_version": b"m3w.images/1"})  # fmt: skip
+    rows, urls = [], []
+    for i, photo in enumerate(photos):
+        data = photo.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (root / "blobs" / sha[:2] / f"{sha}.jpg").write_bytes(data)
+        urls.append(f"http://legacy.example/{i}.jpg")
+        rows.append({"url": urls[-1], "status": "ok", "attempts": 1, "resized_sha256": sha})
+    urls.append("http://legacy.example/gone.jpg")
+    first = [{"url": urls[-1], "status": "timeout", "attempts": 1}]
+    retry = [{"url": urls[-1], "status": "http_error", "http_status": 404, "attempts": 2}]
+    (root / "index").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows + retry, schema=schema), root / "index" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(first, schema=schema), root / "index" / "b.parquet")
+    (root / "_store_config.json").write_text(json.dumps(ImagesConfig().store_settings()))
+    return urls
+
+
+def test_an_old_store_is_refused_then_migrated(webcorpus: Path, tmp_path: Path, ray_address) -> None:
+    photos = photo_files(webcorpus)[:5]
+    store_dir = tmp_path / "old"
+    urls = _legacy_store(store_dir, photos)
+    listing = write_urls(tmp_path / "urls.txt", urls)
+    cli = [sys.executable, "-m", "m3w"]
+    refused = subprocess.run([*cli, "images", str(listing), "--store", str(store_dir)], capture_output=True,
+                             text=True, cwd=ROOT)  # fmt: skip
+    assert (
+        refused.returncode == 2
+        and "m3w store migrate" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )
+    assert not (store_dir / spec.STORE_FILE).exists()  # nothing was written beside the old layout
+
+    migrated = subprocess.run([*cli, "store", "migrate", str(store_dir), "--buckets", "4"], capture_output=True,
+                              text=True, cwd=ROOT)  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
+    store = ImageStore(store_dir)
+    rows = store.lookup(urls)
+    assert set(rows) == set(urls) and rows[urls[-1]]["attempts"] == 2 and rows[urls[-1]]["http_status"] == 404
+    assert [store.read_blob(BlobRef.of(rows[u])) for u in urls[:-1]] == [p.read_bytes() for p in photos]
+    assert not list(store_dir.rglob("*.jpg")) and not list((store_dir / "index").glob("*.parquet"))
+    # The migrated store serves the stage: every URL is final, nothing is fetched again.
+    again = run_images([listing], store_dir, small_config(), ray_address=ray_address)
+    assert (again.urls, again.already_final, again.fetched) == (len(urls), len(urls), 0)

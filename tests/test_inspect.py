@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.imagestore import BlobRef, ImageStore
 from m3w.pipeline.inspect import inspect_cmd, render_inspect
 from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
 from m3w.pipeline.tario import iter_tar_samples
@@ -108,9 +108,7 @@ def test_documents_file_with_store(shards_corpus, tmp_path):
         urls = [n["url"] for n in doc["nodes"] if n["kind"] == "image"]
         rows = store.lookup(urls)
         stored = [
-            store.read_blob(rows[u]["resized_sha256"])
-            for u in urls
-            if u in rows and rows[u]["status"] == "ok"
+            store.read_blob(BlobRef.of(rows[u])) for u in urls if u in rows and rows[u]["status"] == "ok"
         ]
         assert block["images"] == stored
     assert "not in store" in out.read_text() or "http_error" in out.read_text()

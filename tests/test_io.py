@@ -65,12 +65,15 @@ def test_remove_temp_files_takes_only_temp_files(tmp_path: Path) -> None:
 def test_images_store_files_are_readable_and_leftovers_go(
     serve_routes, ray_address, webcorpus, tmp_path
 ) -> None:
-    """A real run through Ray: index and blob files get the umask's mode (the Ray workers inherit this
-    process's umask); the `.tmp-*` files of an earlier killed run are removed when the run starts."""
+    """A real run through Ray: rows, blob shard and index files get the umask's mode (the Ray workers inherit
+    this process's umask); the `.tmp-*` files of an earlier killed run are removed when the run starts."""
     photos = sorted((webcorpus / "photos").glob("*.jpg"))[:3]
     base, _ = serve_routes({f"/{p.name}": Route(p.read_bytes()) for p in photos})
     store = tmp_path / "store"
-    leftovers = [store / "index" / ".tmp-abc-00000.parquet.x1", store / "blobs" / "ab" / ".tmp-ab12.jpg.x2"]
+    leftovers = [
+        store / "rows" / "g000001" / ".tmp-u000000.parquet.x1",
+        store / "blobs" / "g000001" / ".tmp-u000000.tar.x2",
+    ]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
@@ -81,5 +84,8 @@ def test_images_store_files_are_readable_and_leftovers_go(
     )
     assert summary.statuses.get("ok") == 3 and summary.units_failed == 0, summary
     assert not any(p.exists() for p in leftovers)
-    written = [p for p in store.rglob("*") if p.is_file() and p.suffix in (".parquet", ".jpg")]
+    written = [
+        p for p in store.rglob("*") if p.is_file() and p.suffix in (".parquet", ".tar", ".idx", ".json")
+    ]
     assert len(written) >= 4 and {mode(p) for p in written} == {0o666 & ~current_umask()}
+    assert {p.suffix for p in written} >= {".parquet", ".tar", ".idx", ".json"}

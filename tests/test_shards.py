@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.imagestore import BlobRef, ImageStore
 from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
 from m3w.pipeline.tario import iter_tar_samples
 from m3w.pipeline.tokenizer import MEDIA_TOKEN, load_tokenizer, tokenizer_fingerprint
@@ -69,7 +71,7 @@ def test_every_image_token_has_its_stored_image_in_order(m3w_out, documents, sha
             nodes[i]["url"] for i in sample["provenance"]["node_indices"] if nodes[i]["kind"] == "image"
         ]
         rows = store.lookup(image_urls)
-        assert [store.read_blob(rows[u]["resized_sha256"]) for u in image_urls] == [files[k] for k in jpgs]
+        assert [store.read_blob(BlobRef.of(rows[u])) for u in image_urls] == [files[k] for k in jpgs]
         assert all(rows[u]["status"] == "ok" for u in image_urls)
         assert key.startswith(sample["provenance"]["doc_id"]) and "." not in key
 
@@ -150,22 +152,47 @@ def test_webdataset_and_ray_data_read_the_shards(m3w_out, ray_address):
     assert sum(len(json.loads(r["json"])["images"]) for r in rows) == manifest["totals"]["images"]
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(m3w_out, shards_corpus, tmp_path, ray_address):
-    out = tmp_path / "resume"
-    run_m3w_shards(
-        [shards_corpus.filtered], shards_corpus.store, out, CONFIG, workers=2, ray_address=ray_address
-    )
-    # Simulate a job killed after its first unit: only its manifest line, a merge's temp file, no shards.
-    manifest = out / "m3w" / "_manifest.jsonl"
-    manifest.write_text(manifest.read_text().splitlines(keepends=True)[0])
-    (out / "m3w" / ".tmp-m3w-000000.tar.abc").write_bytes(b"partial")
-    for tar in (out / "m3w").glob("*.tar"):
-        tar.unlink()
-    run_m3w_shards(
-        [shards_corpus.filtered], shards_corpus.store, out, CONFIG, workers=2, ray_address=ray_address
-    )
-    assert all_bytes(out / "m3w") == all_bytes(m3w_out)
+def split_inputs(filtered: Path, out: Path, docs_per_file: int = 12) -> Path:
+    """The filtered documents in many small files: many units, so a job can be killed between them."""
+    out.mkdir()
+    for path in sorted(filtered.glob("*.parquet")):
+        table = pq.read_table(path)
+        for i, start in enumerate(range(0, table.num_rows, docs_per_file)):
+            pq.write_table(table.slice(start, docs_per_file), out / f"{path.stem}-{i:03d}.parquet")
+    return out
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(shards_corpus, tmp_path, ray_address):
+    """kill -9 of `m3w shards m3w` after its first units, then the same command again: the shards are
+    byte-identical to an uninterrupted run, and only the units without an entry ran again."""
+    inputs = split_inputs(shards_corpus.filtered, tmp_path / "inputs")
+    reference = run_m3w_shards([inputs], shards_corpus.store, tmp_path / "reference", CONFIG, workers=2,
+                               ray_address=ray_address)  # fmt: skip
+    assert reference["failed_units"] == [] and len(reference["inputs"]) >= 6
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "m3w", "shards", "m3w", str(inputs), "--images",
+           str(shards_corpus.store), "--out", str(out), "--workers", "1", "--ray-address", ray_address,
+           "--set", f"shard_max_samples={CONFIG.shard_max_samples}", "--set", "windows.windows_per_doc=2"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    entries = out / "m3w" / "_manifest" / "m3w"
+    deadline = time.monotonic() + 120
+    while len(list(entries.glob("*.json"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in entries.glob("*.json")}
+    assert 2 <= len(finished) < len(reference["inputs"]) and not (out / "m3w" / spec.SHARD_MANIFEST).exists()
+    before = {p.name: p.stat().st_mtime_ns for p in entries.glob("*.json")}
+
+    result = run_m3w_shards([inputs], shards_corpus.store, out, CONFIG, workers=2, ray_address=ray_address)
+    assert all_bytes(out / "m3w") == all_bytes(tmp_path / "reference" / "m3w")
     assert not list((out / "m3w").glob(".tmp-*"))
+    after = {p.name: p.stat().st_mtime_ns for p in entries.glob("*.json")}
+    assert {n for n in before if after[n] == before[n]} == finished  # finished units did not run again
+    keys = [k for k, _ in tar_samples(out / "m3w")]
+    assert len(keys) == len(set(keys)) == result["totals"]["samples"]  # nothing lost, nothing twice
 
 
 def test_bad_input_fails_its_unit_only(shards_corpus, tmp_path, ray_address):
@@ -223,17 +250,16 @@ def test_any_tokenizer_is_recorded_in_samples_and_manifest(shards_corpus, tmp_pa
         assert sample["input_ids"].count(other.convert_tokens_to_ids(MEDIA_TOKEN)) == len(sample["images"])
 
 
-def test_resharding_with_another_size_only_re_merges(m3w_out, shards_corpus, tmp_path, ray_address):
+def test_resharding_with_another_size_rewrites_the_shards(m3w_out, shards_corpus, tmp_path, ray_address):
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(m3w_out.parent, out)
-    manifest_before = (out / "m3w" / "_manifest.jsonl").read_text()
     config = ShardsConfig(shard_max_samples=3, windows=WindowConfig(windows_per_doc=2))
     result = run_m3w_shards(
         [shards_corpus.filtered], shards_corpus.store, out, config, ray_address=ray_address
     )
-    assert (out / "m3w" / "_manifest.jsonl").read_text() == manifest_before  # no unit ran again
     assert all(s["samples"] <= 3 for s in result["shards"])
-    assert len(result["shards"]) == len(list((out / "m3w").glob("*.tar")))  # old shard files replaced
+    # exactly the new shards are left (the old ones are removed), holding the same samples in the same order
+    assert [s["name"] for s in result["shards"]] == sorted(p.name for p in (out / "m3w").glob("*.tar"))
     assert [(k, f) for k, f in tar_samples(out / "m3w")] == tar_samples(m3w_out)

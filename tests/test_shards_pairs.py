@@ -9,7 +9,7 @@ import pytest
 
 from m3w.config import load_config
 from m3w.pipeline.filters import CaptionFilterConfig, check_caption_text
-from m3w.pipeline.imagestore import ImageStore
+from m3w.pipeline.imagestore import BlobRef, ImageStore
 from m3w.pipeline.shards import ShardsConfig, run_pair_shards
 from m3w.pipeline.tario import iter_tar_samples
 from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN, load_tokenizer
@@ -57,7 +57,7 @@ def test_pairs_are_image_text_eoc_within_budget(pairs_out, shards_corpus, datase
         nodes = {n["node_index"]: n for n in docs[prov["doc_id"]]["nodes"]}
         image_node = next(nodes[i] for i in prov["node_indices"] if nodes[i]["kind"] == "image")
         row = store.lookup([image_node["url"]])[image_node["url"]]
-        assert files["0.jpg"] == store.read_blob(row["resized_sha256"])
+        assert files["0.jpg"] == store.read_blob(BlobRef.of(row))
         source = (
             image_node[field]
             if field

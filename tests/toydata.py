@@ -128,16 +128,9 @@ class ToyWriter:
 
     def close(self) -> Path:
         self.writer.__exit__(None, None, None)
-        manifest = {
-            "schema": spec.SCHEMA_VERSION,
-            "dataset": self.dataset,
-            "tokenizer": self.tok_info,
-            **self.limits,
-            "config_hash": "toy",
-            "shards": [s.to_json() for s in self.writer.shards],
-            "totals": {"samples": sum(s.samples for s in self.writer.shards)},
-        }
-        (self.out_dir / spec.SHARD_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shards = [s.to_json() for s in self.writer.shards]
+        manifest = spec.shard_manifest(self.dataset, self.tok_info, shards, self.limits, config_hash="toy")
+        spec.write_shard_manifest(str(self.out_dir), manifest)
         return self.out_dir
 
 

@@ -4,7 +4,7 @@
 
 Each stage runs through its own Python API (the code behind `m3w extract`, `m3w filter`, ...), so it keeps its
 unit-level resume: a killed build re-run loses at most the units in flight. On top of that the build records
-each finished stage in `OUT/_manifest.jsonl` (stage "build") under a hash of its settings and of every stage
+each finished stage in `OUT/_manifest/build/` (one entry per stage) under a hash of its settings and of every stage
 before it; a re-run skips a finished stage whose inputs and settings did not change, and re-runs everything
 downstream of a change. A stage with failed units is not marked finished, so the next run retries them.
 

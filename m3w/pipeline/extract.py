@@ -1,4 +1,4 @@
-"""`m3w extract`: WARC files → `documents/` (one parquet file per WARC, DOCUMENT_SCHEMA) + `_manifest.jsonl`.
+"""`m3w extract`: WARC files → `documents/` (one parquet file per WARC, DOCUMENT_SCHEMA) + `_manifest/`.
 
 One Ray task per WARC. Each task streams the WARC's HTML responses, turns every page into a document
 (`m3w.pipeline.html_extract`), and writes row groups as it goes into a temp file renamed into place at the end, so
@@ -25,6 +25,7 @@ import click
 from m3w.cli import OutputDir, stage_options
 from m3w.config import from_dict, to_dict
 from m3w.errors import UserError
+from m3w.pipeline import io
 from m3w.pipeline.html_extract import PageOptions, PageSkip, decode_html, extract_page
 from m3w.pipeline.io import atomic_path, stable_hash
 from m3w.pipeline.manifest import Manifest
@@ -145,7 +146,10 @@ def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, 
     unit = unit_id(warc_path)
     relpath = f"{unit}.parquet"
     counts: Counter = Counter()
-    with atomic_path(skip_log_path(out_dir, unit)) as skips_tmp, atomic_path(Path(out_dir) / relpath) as tmp:
+    with (
+        atomic_path(skip_log_path(out_dir, unit)) as skips_tmp,
+        atomic_path(io.join(out_dir, relpath)) as tmp,
+    ):
         with SkipLogWriter(skips_tmp) as skips, DocumentWriter(tmp, config.rows_per_group) as writer:
 
             def log(skip: Skip) -> None:
@@ -182,7 +186,7 @@ def run_extract(
         )
     config_dict = to_dict(config)
     manifest = Manifest(out_dir, STAGE, stable_hash(config_dict))
-    units = [Unit(unit_id(w), (w, str(out_dir), config_dict)) for w in warcs]
+    units = [Unit(unit_id(w), (w, io.absolute(out_dir), config_dict)) for w in warcs]
     if len({u.id for u in units}) != len(units):
         raise ValueError("two inputs map to the same unit name")  # only possible with a hash collision
     return run_units(

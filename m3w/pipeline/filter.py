@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from m3w.cli import OutputDir, stage_options
 from m3w.config import to_dict
+from m3w.pipeline import io
 from m3w.pipeline.dedup import DedupError, SignalsUnit, UnitDrops, load_unit_drops, run_dedup
 from m3w.pipeline.filters import (
     DocumentItem,
@@ -69,16 +70,18 @@ ROWS_PER_GROUP = 256
 @dataclass(frozen=True)
 class InputUnit:
     name: str
-    path: Path
+    path: str  # a local path or a URL
     fingerprint: str  # changes when the file is rewritten: cached signals of the old file go stale
 
 
 def discover_units(docs_dir: str | Path) -> list[InputUnit]:
     """The documents files of an extract output directory (one parquet per unit, temp files ignored)."""
     units = []
-    for path in document_files(docs_dir):
-        st = path.stat()
-        units.append(InputUnit(path.stem, path, stable_hash([path.name, st.st_size, st.st_mtime_ns], 12)))
+    for path in document_files(io.absolute(docs_dir)):
+        name = io.name_of(path)
+        units.append(
+            InputUnit(name.removesuffix(".parquet"), path, stable_hash([name, io.version_of(path)], 12))
+        )
     return units
 
 
@@ -95,7 +98,7 @@ class SignalsTask:
 def signals_unit(task: SignalsTask) -> tuple[str, dict[str, int]]:
     table = signals_table(iter_documents(task.docs_path), task.config)
     write_signals(table, task.out_path)
-    return Path(task.out_path).name, {
+    return io.name_of(task.out_path), {
         "documents": table.num_rows,
         # Key rows each dedup rule gets from this unit: they size its partitions.
         "band_rows": len(pc.list_flatten(table["bands"])),
@@ -292,12 +295,12 @@ def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
     batches = iter_signals(task.signals_path, ["doc_id", "nodes"], ROWS_PER_GROUP)
     batch: list[dict[str, Any]] = []
     start = 0
-    out_dir = Path(task.out_dir)
+    out_dir = task.out_dir
     output = f"{task.unit}.parquet"
     excluded: list[dict[str, Any]] = []
     # Kept documents stream out in row groups. Each file is renamed into place only when whole, and the
     # manifest records the unit only after both exist, so a killed unit is simply redone.
-    with atomic_path(out_dir / output) as tmp, DocumentWriter(tmp, ROWS_PER_GROUP) as writer:
+    with atomic_path(io.join(out_dir, output)) as tmp, DocumentWriter(tmp, ROWS_PER_GROUP) as writer:
         row = -1
         for row, doc in enumerate(iter_documents(task.docs_path)):  # noqa: B007 - `row` is checked after
             if row == start + len(batch):
@@ -314,7 +317,7 @@ def decide_unit(task: DecideTask) -> tuple[str, dict[str, int]]:
                 writer.write(out)
     if row - start + 1 < len(batch) or next(batches, None) is not None:
         raise ValueError(f"{task.signals_path} has more rows than {task.docs_path}")
-    with atomic_path(out_dir / EXCLUDED_DIR / output) as tmp:
+    with atomic_path(io.join(out_dir, EXCLUDED_DIR, output)) as tmp:
         write_excluded(excluded, tmp)
     counts = Counter(doc_filter.funnel.counts)
     for step in doc_filter.steps():
@@ -334,15 +337,17 @@ def run_filter(
 ) -> dict[str, Any]:
     """Filter and dedup every unit of `docs_dir` into `out_dir`. Returns a summary with the funnel counts."""
     config = config or FilterConfig()
-    out_dir = Path(out_dir)
+    out_dir = io.absolute(out_dir)
     units = discover_units(docs_dir)
     if not units:
         raise FileNotFoundError(f"no documents (*.parquet) in {docs_dir}")
     init_ray(ray_address)
 
     signals_hash = stable_hash({"version": SIGNALS_VERSION, **config.signals_part()})
-    signals_dir = out_dir / CACHE_DIR / "signals"
-    signals_path = {u.name: signals_dir / f"{u.name}.{u.fingerprint}.{signals_hash}.parquet" for u in units}
+    signals_dir = io.join(out_dir, CACHE_DIR, "signals")
+    signals_path = {
+        u.name: io.join(signals_dir, f"{u.name}.{u.fingerprint}.{signals_hash}.parquet") for u in units
+    }
     signals = run_units(
         signals_unit,
         [
@@ -372,7 +377,7 @@ def run_filter(
     dedup, dedup_error = None, None
     if config.dedup.enabled and dedup_units:
         try:
-            dedup = run_dedup(dedup_units, config.dedup, str(out_dir / CACHE_DIR / "dedup"))
+            dedup = run_dedup(dedup_units, config.dedup, io.join(out_dir, CACHE_DIR, "dedup"))
         except DedupError as exc:
             dedup_error = str(exc)
 
@@ -425,7 +430,7 @@ def run_filter(
 
 
 @click.command("filter")
-@click.argument("docs_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("docs_dir")
 @click.option("--out", "out_dir", required=True, type=OutputDir(), help="Output directory.")
 @stage_options(FilterConfig)
 def filter_cmd(

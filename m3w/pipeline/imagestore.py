@@ -1,129 +1,500 @@
-"""The content-addressed image store (layout and row format in `schemas/images.py`).
+"""The image store (layout and formats in `schemas/images.py`), on a local disk or object storage.
 
-Writers append index parquet files and blobs; nothing is ever rewritten in place. Readers merge the index files:
-for a URL fetched more than once (a retried timeout or 5xx), the row with the most attempts wins.
+- Writers: a fetch unit stores its images in one tar (`BlobShardWriter`) and then its rows file
+  (`write_rows`), which commits the unit. A run then compacts the index buckets its units touched
+  (`compact_buckets`) and commits the generation by writing `_store.json` (`commit`), under a lease.
+- Readers: `_store.json` names every current index file, so nothing is listed or globbed. A lookup hashes the
+  URLs, reads each bucket's fence (a few KB) and then only the index blocks holding those hashes: its cost and
+  memory depend on how many URLs are asked for, not on how many the store holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import tarfile
+import threading
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
+import click
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from m3w.pipeline.io import atomic_path, write_parquet_atomic
-from m3w.schemas import documents as doc_spec
+from m3w.errors import UserError
+from m3w.pipeline import io
+from m3w.pipeline.tario import TAR_FORMAT, add_member
 from m3w.schemas import images as spec
 
-INDEX_DIR = "index"
+LOOKUP_BATCH = 4096  # URLs resolved per round of block reads: bounds a lookup's memory (~50 MB of blocks)
 
 
-def is_final(status: str, http_status: int | None) -> bool:
-    """A final status is never fetched again. Timeouts, 5xx, 429 and connection failures (http_error without
-    an HTTP status) may be transient and are retried, a bounded number of times."""
-    if status == "timeout":
-        return False
-    if status == "http_error":
-        return http_status is not None and http_status < 500 and http_status != 429
-    return True
+class LegacyStoreError(UserError, ValueError):
+    """A store in layout version 1: it must be converted (`m3w store migrate`) before use."""
 
 
-# root → (index fingerprint, merged table, url → row position). Callers construct `ImageStore(root)` per batch
-# of documents; merging thousands of index files each time would dominate their run time.
-_MERGED: dict[str, tuple[tuple, pa.Table, dict[str, int]]] = {}
+class NoStoreError(UserError, FileNotFoundError):
+    """No image store at the given place."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a URL's resized JPEG lies: `length` bytes at `offset` of blob shard `shard`."""
+
+    shard: int
+    offset: int
+    length: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> BlobRef:
+        """The blob of a usable index row (`ImageStore.lookup`)."""
+        if not spec.is_usable(row):
+            raise ValueError(f"{row.get('url')}: no usable image (status {row.get('status')})")
+        return cls(int(row["blob_shard"]), int(row["blob_offset"]), int(row["blob_length"]))
+
+
+# root → fences by (bucket, generation): a process looking up many URL batches reads each fence once.
+_FENCES: OrderedDict[tuple[str, int, int], tuple[int, np.ndarray]] = OrderedDict()
+_FENCES_MAX = 1024
 
 
 class ImageStore:
-    """`ImageStore(root)`: read the merged index, read blobs, write blobs and index files."""
+    """`ImageStore(root)`: a local path or a URL (`s3://bucket/images`)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Any) -> None:
+        self.root = str(root).rstrip("/")
+        self._state: spec.StoreState | None = None
 
-    # -- reading ---------------------------------------------------------------------------------------------
+    def url(self, relpath: str) -> str:
+        return io.join(self.root, relpath)
 
-    def index_files(self) -> list[Path]:
-        return sorted((self.root / INDEX_DIR).glob("*.parquet"))
+    # -- state -----------------------------------------------------------------------------------------------
 
-    def table(self) -> pa.Table:
-        """The merged index: one row per URL ever attempted."""
-        return self._merged()[0]
+    def is_legacy(self) -> bool:
+        """A layout-1 store: index parquet files directly in index/ and no _store.json."""
+        return not io.exists(self.url(spec.STORE_FILE)) and any(
+            n.endswith(".parquet") for n in io.list_dir(self.url("index"))
+        )
 
-    def _merged(self) -> tuple[pa.Table, dict[str, int]]:
-        files = self.index_files()
-        fingerprint = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        key = str(self.root.resolve())
-        cached = _MERGED.get(key)
-        if cached is None or cached[0] != fingerprint:
-            table = self._merge(files)
-            positions = {url: i for i, url in enumerate(table.column("url").to_pylist())}
-            if len(_MERGED) >= 4:
-                _MERGED.clear()
-            cached = _MERGED[key] = (fingerprint, table, positions)
-        return cached[1], cached[2]
+    def state(self, refresh: bool = True) -> spec.StoreState:
+        """The committed state: read afresh (one small object) unless `refresh` is False and it was read."""
+        if self._state is None or refresh:
+            try:
+                data = io.read_json(self.url(spec.STORE_FILE))
+            except FileNotFoundError:
+                if self.is_legacy():
+                    raise LegacyStoreError(
+                        f"{self.root} is an image store in the old layout ({spec.LEGACY_SCHEMA_VERSION}, one file "
+                        f"per image): convert it with `m3w store migrate {self.root}`"
+                    ) from None
+                raise NoStoreError(
+                    f"no image store at {self.root} (no {spec.STORE_FILE}): run `m3w images`"
+                ) from None
+            self._state = spec.StoreState.from_json(data, self.url(spec.STORE_FILE))
+        return self._state
 
-    @staticmethod
-    def _merge(files: list[Path]) -> pa.Table:
-        tables = []
-        for path in files:
-            table = pq.read_table(path)
-            doc_spec.check_version(table.schema, spec.SCHEMA_VERSION)
-            tables.append(table.cast(spec.IMAGE_INDEX_SCHEMA))
-        if not tables:
-            return spec.IMAGE_INDEX_SCHEMA.empty_table()
-        table = pa.concat_tables(tables)
-        # Most attempts first within a URL, then the file written last (file order, for determinism).
-        order = pa.array(np.repeat(np.arange(len(tables)), [len(t) for t in tables]))
-        table = table.append_column("_file", order)
-        table = table.sort_by([("url", "ascending"), ("attempts", "descending"), ("_file", "descending")])
-        urls = table.column("url").to_numpy(zero_copy_only=False)
-        first = np.ones(len(urls), dtype=bool)
-        first[1:] = urls[1:] != urls[:-1]
-        return table.filter(pa.array(first)).drop_columns(["_file"])
+    def exists(self) -> bool:
+        return io.exists(self.url(spec.STORE_FILE))
 
-    def lookup(self, urls: list[str] | set[str]) -> dict[str, dict[str, Any]]:
-        """url → index row (as a dict) for each of `urls` the store has seen; unseen URLs are absent."""
-        table, positions = self._merged()
-        wanted = sorted({positions[u] for u in urls if u in positions})
-        rows = table.take(pa.array(wanted, type=pa.int64())).to_pylist()
-        return {row["url"]: row for row in rows}
+    def create(self, settings: dict[str, Any], buckets: int = spec.DEFAULT_BUCKETS) -> spec.StoreState:
+        """Create an empty store (generation 0)."""
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, not {buckets}")
+        state = spec.StoreState(buckets=buckets, settings=settings)
+        self.commit(state)
+        return state
 
-    def final_urls(self) -> set[str]:
-        """URLs with a final status: a re-run never fetches them again."""
-        table = self.table()
-        return {
-            url
-            for url, status, http_status in zip(
-                table.column("url").to_pylist(),
-                table.column("status").to_pylist(),
-                table.column("http_status").to_pylist(),
-            )
-            if is_final(status, http_status)
-        }
+    def commit(self, state: spec.StoreState) -> None:
+        """Write `_store.json`: from now on readers see `state` (its index files must all be written)."""
+        io.write_bytes(self.url(spec.STORE_FILE), state.dumps())
+        self._state = state
 
-    def blob_path(self, resized_sha256: str) -> Path:
-        return self.root / spec.blob_relpath(resized_sha256)
+    @property
+    def generation(self) -> int:
+        return self.state().generation
 
-    def read_blob(self, resized_sha256: str) -> bytes:
-        """The stored resized JPEG bytes. Raises FileNotFoundError for an unknown key."""
-        return self.blob_path(resized_sha256).read_bytes()
+    # -- point lookups ---------------------------------------------------------------------------------------
 
-    # -- writing ---------------------------------------------------------------------------------------------
+    def _fence(self, bucket: int, state: spec.StoreState) -> tuple[int, np.ndarray, str]:
+        generation, rows = state.index_generations[bucket], state.index_rows[bucket]
+        url = self.url(spec.index_relpath(bucket, generation))
+        key = (self.root, bucket, generation)
+        cached = _FENCES.get(key)
+        if cached is None:
+            (head,) = io.read_ranges([url], [0], [spec.index_fence_size(rows)])
+            records, stride, fence = spec.decode_index_head(head, url)
+            if records != rows:
+                raise ValueError(f"{url}: {records} records, but {spec.STORE_FILE} says {rows}")
+            cached = _FENCES[key] = (stride, fence)
+            if len(_FENCES) > _FENCES_MAX:
+                _FENCES.popitem(last=False)
+        else:
+            _FENCES.move_to_end(key)
+        return cached[0], cached[1], url
 
-    def write_blob(self, data: bytes) -> str:
-        """Store `data` under its sha256 (once, however many URLs have it) and return the key."""
-        key = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(key)
-        if not path.exists():
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-        return key
+    def locate(self, urls: Iterable[str]) -> dict[str, np.void]:
+        """url → its index record, for the URLs the store has seen (others are absent)."""
+        state = self.state()
+        wanted = sorted(set(urls))
+        found: dict[str, np.void] = {}
+        for start in range(0, len(wanted), LOOKUP_BATCH):
+            found.update(self._locate_batch(wanted[start : start + LOOKUP_BATCH], state))
+        return found
 
-    def write_index(self, name: str, rows: list[dict[str, Any]]) -> str:
-        """Write one index file atomically; returns its path relative to the store root."""
-        relpath = f"{INDEX_DIR}/{name}.parquet"
-        rows = sorted(rows, key=lambda r: r["url"])
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=spec.IMAGE_INDEX_SCHEMA), self.root / relpath)
-        return relpath
+    def _locate_batch(self, urls: list[str], state: spec.StoreState) -> dict[str, np.void]:
+        hashes = np.array([spec.url_hashes(u) for u in urls], dtype=np.int64).reshape(-1, 2)
+        buckets = spec.bucket_of(hashes[:, 0], state.buckets) if len(urls) else np.zeros(0, np.int64)
+        reads: list[tuple[str, int, int]] = []  # (index url, first record, end record)
+        wanted: list[tuple[int, int]] = []  # (query position, read number)
+        body_start: dict[str, int] = {}  # index url → byte offset of its first record
+        for bucket in np.unique(buckets).tolist():
+            if state.index_generations[bucket] < 0 or state.index_rows[bucket] == 0:
+                continue
+            stride, fence, url = self._fence(bucket, state)
+            body_start[url] = spec.records_offset(len(fence))
+            rows = state.index_rows[bucket]
+            for q in np.nonzero(buckets == bucket)[0].tolist():
+                h = hashes[q, 0]
+                # The record lies in the block whose fence value is the last <= h; equal hashes may straddle
+                # a block boundary, so start one block early when the fence holds h itself.
+                first = max(int(np.searchsorted(fence, h, "left")) - 1, 0)
+                last = max(int(np.searchsorted(fence, h, "right")) - 1, 0)
+                reads.append((url, first * stride, min((last + 1) * stride, rows)))
+                wanted.append((q, len(reads) - 1))
+        if not reads:
+            return {}
+        unique = sorted(set(reads))
+        position = {r: i for i, r in enumerate(unique)}
+        size = spec.INDEX_RECORD.itemsize
+        blobs = io.read_ranges(
+            [url for url, _, _ in unique],
+            [body_start[url] + first * size for url, first, _ in unique],
+            [body_start[url] + end * size for url, _, end in unique],
+        )
+        blocks = [np.frombuffer(b, dtype=spec.INDEX_RECORD) for b in blobs]
+        found = {}
+        for q, read in wanted:
+            block = blocks[position[reads[read]]]
+            h, h2 = hashes[q]
+            i = int(np.searchsorted(block["url_hash"], h, "left"))
+            while i < len(block) and block["url_hash"][i] == h:
+                if block["url_hash2"][i] == h2:
+                    found[urls[q]] = block[i]
+                    break
+                i += 1
+        return found
+
+    def usable(self, urls: Iterable[str]) -> dict[str, BlobRef]:
+        """url → where its image lies, for each URL with a usable image (`schemas.images.is_usable`) that passes
+        the image filter thresholds the store records (`image_filters`): what the later stages may use."""
+        from m3w.pipeline.image_filters.replay import store_filters
+
+        filters = store_filters(self.root)
+        out = {}
+        for url, rec in self.locate(urls).items():
+            row = spec.record_row(rec)
+            if spec.is_usable(row) and (filters is None or filters.verdict(row) is None):
+                out[url] = BlobRef(int(rec["shard"]), int(rec["blob_offset"]), int(rec["blob_length"]))
+        return out
+
+    def lookup(self, urls: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """url → its full row (IMAGE_ROW_SCHEMA, as a dict) for each of `urls` the store has seen."""
+        by_shard: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for url, rec in self.locate(urls).items():
+            by_shard[int(rec["shard"])].append((url, int(rec["row"])))
+        out = {}
+        for shard, wanted in sorted(by_shard.items()):
+            table = io.read_parquet(self.url(spec.rows_relpath(shard)))
+            rows = table.take(pa.array([r for _, r in wanted], pa.int64())).to_pylist()
+            out.update({url: row for (url, _), row in zip(wanted, rows)})
+        return out
+
+    # -- whole-store reads (maintenance, tests, export) ------------------------------------------------------
+
+    def bucket_records(self, bucket: int, state: spec.StoreState | None = None) -> np.ndarray:
+        state = state or self.state()
+        generation = state.index_generations[bucket]
+        if generation < 0:
+            return spec.empty_records()
+        url = self.url(spec.index_relpath(bucket, generation))
+        return spec.decode_index(io.read_bytes(url), url)
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """Every URL's current row, bucket by bucket (memory: one bucket)."""
+        state = self.state()
+        for bucket in range(state.buckets):
+            records = self.bucket_records(bucket, state)
+            by_shard: dict[int, list[int]] = defaultdict(list)
+            for rec in records:
+                by_shard[int(rec["shard"])].append(int(rec["row"]))
+            for shard, rows in sorted(by_shard.items()):
+                table = io.read_parquet(self.url(spec.rows_relpath(shard)))
+                yield from table.take(pa.array(sorted(rows), pa.int64())).to_pylist()
+
+    def count(self) -> int:
+        """URLs in the store (one per URL, whatever its attempts)."""
+        return sum(self.state().index_rows)
+
+    # -- blobs -----------------------------------------------------------------------------------------------
+
+    def read_blobs(self, refs: list[BlobRef]) -> list[bytes]:
+        """The JPEG bytes of each ref, in order (remote ranges fetched concurrently)."""
+        return io.read_ranges(
+            [self.url(spec.blob_relpath(r.shard)) for r in refs],
+            [r.offset for r in refs],
+            [r.offset + r.length for r in refs],
+        )
+
+    def read_blob(self, ref: BlobRef) -> bytes:
+        return self.read_blobs([ref])[0]
+
+    def files(self) -> list[str]:
+        """Every file of the store (relative paths), for accounting."""
+        fs, root = io.url_to_fs(self.root)
+        if io.is_remote(self.root):
+            fs.invalidate_cache(root)
+        return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+class BlobShardWriter:
+    """One fetch unit's blob shard: a tar of `<sha256>.jpg` members, identical bytes stored once. Thread-safe;
+    built in a local temp file and stored whole by `close()` (nothing is stored if the unit fails)."""
+
+    def __init__(self, store: ImageStore, shard: int) -> None:
+        self.url = store.url(spec.blob_relpath(shard))
+        self.shard = shard
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(io.atomic_path(self.url))
+        self._tar = tarfile.open(tmp, mode="w", format=TAR_FORMAT)
+        self._stack.callback(self._tar.close)
+        self._lock = threading.Lock()
+        self._stored: dict[str, tuple[int, int]] = {}
+
+    def add(self, data: bytes) -> tuple[str, int, int]:
+        """Store `data` (once per shard) and return (sha256, offset, length)."""
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            where = self._stored.get(sha)
+            if where is None:
+                where = self._stored[sha] = (
+                    add_member(self._tar, spec.blob_member_name(sha), data),
+                    len(data),
+                )
+        return sha, where[0], where[1]
+
+    @property
+    def images(self) -> int:
+        return len(self._stored)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def abort(self, exc: BaseException) -> None:
+        self._stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def write_rows(store: ImageStore, shard: int, rows: list[dict[str, Any]]) -> pa.Table:
+    """Write a fetch unit's rows file (sorted by URL hash): this commits the unit. Returns the table."""
+    for row in rows:
+        if "url_hash" not in row:
+            row["url_hash"], row["url_hash2"] = spec.url_hashes(row["url"])
+        if row.get("blob_length") and row.get("blob_shard") is None:
+            row["blob_shard"] = shard
+    rows = sorted(rows, key=lambda r: (r["url_hash"], r["url_hash2"]))
+    table = pa.Table.from_pylist(rows, schema=spec.IMAGE_ROW_SCHEMA)
+    io.write_parquet_atomic(table, store.url(spec.rows_relpath(shard)))
+    return table
+
+
+RECORD_COLUMNS = ["url_hash", "url_hash2", "status", "http_status", "attempts", "blob_shard", "blob_offset",
+                  "blob_length", "phash", *spec.RECORD_SCORES]  # fmt: skip
+
+
+def shard_records(store: ImageStore, shard: int) -> np.ndarray:
+    """Index records of one rows file."""
+    table = io.read_parquet(store.url(spec.rows_relpath(shard)), columns=RECORD_COLUMNS)
+    return spec.rows_to_records(table, shard)
+
+
+def shard_hash_range(store: ImageStore, shard: int) -> tuple[int, int] | None:
+    """(min, max) url_hash of a rows file, from its footer statistics; None for an empty file."""
+    meta = io.parquet_file(store.url(spec.rows_relpath(shard))).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("url_hash")
+    lows, highs = [], []
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            table = io.read_parquet(store.url(spec.rows_relpath(shard)), columns=["url_hash"])
+            if not table.num_rows:
+                return None
+            bounds = pc.min_max(table.column("url_hash"))
+            return bounds["min"].as_py(), bounds["max"].as_py()
+        lows.append(stats.min)
+        highs.append(stats.max)
+    return (min(lows), max(highs)) if lows else None
+
+
+def compact_buckets(
+    store: ImageStore,
+    buckets: range,
+    shards: list[int],
+    index_generations: dict[int, int],
+    generation: int,
+) -> dict[int, int]:
+    """Fold the rows of `shards` into the index files of `buckets`: one sorted file per touched bucket, written
+    as generation `generation`. Returns {bucket: records} for the buckets rewritten (others are unchanged)."""
+    state = store.state()
+    low, high = (
+        spec.bucket_hash_range(buckets.start, state.buckets)[0],
+        spec.bucket_hash_range(buckets.stop - 1, state.buckets)[1],
+    )
+    new = [r for r in (shard_records(store, s) for s in shards)]
+    new = [r[(r["url_hash"] >= low) & (r["url_hash"] <= high)] for r in new]
+    new_all = np.concatenate(new) if new else spec.empty_records()
+    new_buckets = (
+        spec.bucket_of(new_all["url_hash"], state.buckets) if len(new_all) else np.zeros(0, np.int64)
+    )
+    written = {}
+    for bucket in sorted(set(new_buckets.tolist())):
+        old_generation = index_generations.get(bucket, -1)
+        old = spec.empty_records()
+        if old_generation >= 0:
+            url = store.url(spec.index_relpath(bucket, old_generation))
+            old = spec.decode_index(io.read_bytes(url), url)
+        merged = spec.merge_records([old, new_all[new_buckets == bucket]])
+        io.write_bytes(store.url(spec.index_relpath(bucket, generation)), spec.encode_index(merged))
+        written[bucket] = len(merged)
+    return written
+
+
+def index_generation(store: ImageStore, generation: int, shards: list[int], **note: Any) -> spec.StoreState:
+    """Fold the rows of `shards` into the index in this process and commit `generation` (migration, tests,
+    benchmarks; `m3w images` does the same with one task per bucket group)."""
+    state = store.state()
+    written = compact_buckets(store, range(state.buckets), shards, dict(enumerate(state.index_generations)),
+                              generation)  # fmt: skip
+    superseded = []
+    for bucket, records in written.items():
+        if state.index_generations[bucket] >= 0:
+            superseded.append(spec.index_relpath(bucket, state.index_generations[bucket]))
+        state.index_generations[bucket], state.index_rows[bucket] = generation, records
+    state.generation = generation
+    state.history.append({"generation": generation, "units": len(shards), **note})
+    store.commit(state)
+    for relpath in superseded:
+        io.remove(store.url(relpath))
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ migration
+
+
+def legacy_index_files(store: ImageStore) -> list[str]:
+    return [store.url(f"index/{n}") for n in io.list_dir(store.url("index")) if n.endswith(".parquet")]
+
+
+def _legacy_rows(store: ImageStore) -> list[dict[str, Any]]:
+    """The layout-1 index: one row per URL, the most attempts winning (ties: the later file)."""
+    from m3w.schemas import documents as doc_spec
+
+    tables = []
+    for position, url in enumerate(legacy_index_files(store)):
+        table = io.read_parquet(url)
+        doc_spec.check_version(table.schema, spec.LEGACY_SCHEMA_VERSION)
+        tables.append(table.append_column("_file", pa.array([position] * table.num_rows, pa.int64())))
+    if not tables:
+        return []
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.sort_by([("url", "ascending"), ("attempts", "descending"), ("_file", "descending")])
+    urls = table.column("url").to_pylist()
+    keep = [i for i, url in enumerate(urls) if i == 0 or url != urls[i - 1]]
+    return table.take(pa.array(keep, pa.int64())).drop_columns(["_file"]).to_pylist()
+
+
+def migrate_legacy(
+    root: str, buckets: int = spec.DEFAULT_BUCKETS, urls_per_shard: int = 10_000
+) -> dict[str, int]:
+    """Convert a layout-1 store in place: its blobs packed into blob shards, its index into buckets, committed
+    as generation 1; then the layout-1 files are removed. Re-running after a kill finishes the job."""
+    from m3w.pipeline.lease import Lease
+
+    store = ImageStore(root)
+    counts: Counter[str] = Counter()
+    with Lease(store.root):
+        committed = store.exists() and store.state().generation > 0
+        if not committed:
+            rows = _legacy_rows(store)
+            if not rows and not legacy_index_files(store):
+                raise NoStoreError(f"no image store in the old layout at {store.root}")
+            settings_url = store.url(spec.LEGACY_SETTINGS_FILE)
+            settings = io.read_json(settings_url) if io.exists(settings_url) else {}
+            store.create(settings, buckets)
+            for row in rows:
+                row["url_hash"], row["url_hash2"] = spec.url_hashes(row["url"])
+            rows.sort(key=lambda r: (r["url_hash"], r["url_hash2"]))
+            shards = []
+            for unit, start in enumerate(range(0, len(rows), urls_per_shard)):
+                shard = spec.shard_id(1, unit)
+                blobs = BlobShardWriter(store, shard)
+                chunk = rows[start : start + urls_per_shard]
+                for row in chunk:
+                    counts["urls"] += 1
+                    if row["status"] != spec.STATUS_OK or not row.get("resized_sha256"):
+                        continue
+                    try:
+                        data = io.read_bytes(store.url(spec.legacy_blob_relpath(row["resized_sha256"])))
+                    except FileNotFoundError:
+                        counts["missing_blob"] += 1  # kept as a row, not usable
+                        continue
+                    row["resized_sha256"], row["blob_offset"], row["blob_length"] = blobs.add(data)
+                    counts["images"] += 1
+                blobs.close()
+                write_rows(store, shard, chunk)
+                shards.append(shard)
+            index_generation(store, 1, shards, migrated_from=spec.LEGACY_SCHEMA_VERSION)
+        for url in legacy_index_files(store):  # layout-1 files go only once the new layout is committed
+            io.remove(url)
+        for name in io.list_dir(store.url("blobs"), dirs=True):
+            if len(name) == 2:
+                io.remove_tree(store.url(f"blobs/{name}"))
+        io.remove(store.url(spec.LEGACY_SETTINGS_FILE))
+    return dict(counts)
+
+
+@click.group("store")
+def store_group() -> None:
+    """Look after an image store: `info`, `migrate` (from the old layout)."""
+
+
+@store_group.command("info")
+@click.argument("store")
+def info_cmd(store: str) -> None:
+    """Generation, URLs and files of the image store STORE (a folder or a URL)."""
+    image_store = ImageStore(store)
+    try:
+        state = image_store.state()
+    except (NoStoreError, LegacyStoreError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    files = image_store.files()
+    kinds = Counter(f.split("/", 1)[0] if "/" in f else "top" for f in files)
+    click.echo(f"{image_store.root}: generation {state.generation}, {state.buckets} buckets, "
+               f"{sum(state.index_rows)} URLs, {len(files)} files ({dict(sorted(kinds.items()))})")  # fmt: skip
+
+
+@store_group.command("migrate")
+@click.argument("store")
+@click.option("--buckets", type=int, default=spec.DEFAULT_BUCKETS, show_default=True, help="Index buckets.")
+def migrate_cmd(store: str, buckets: int) -> None:
+    """Convert the image store STORE from the old layout (one file per image) to blob shards and buckets."""
+    try:
+        counts = migrate_legacy(store, buckets)
+    except (NoStoreError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"migrated {counts.get('urls', 0)} URLs, {counts.get('images', 0)} images "
+               f"({counts.get('missing_blob', 0)} blobs missing) → {ImageStore(store).root}")  # fmt: skip

@@ -64,9 +64,11 @@ def shard_paths(path: Path) -> list[Path]:
     """A tar, or a shard directory (in its manifest's order when it has one)."""
     if path.is_file():
         return [path]
-    manifest = path / shard_spec.SHARD_MANIFEST
-    if manifest.exists():
-        return [path / s["name"] for s in json.loads(manifest.read_text())["shards"]]
+    if (path / shard_spec.SHARD_MANIFEST).exists():
+        return [
+            Path(u)
+            for u in shard_spec.shard_urls(str(path), shard_spec.read_shard_manifest(str(path)), False)
+        ]
     return sorted(path.glob("*.tar"))
 
 
@@ -123,7 +125,7 @@ def render_document(doc: dict, store, tok) -> str:
 
     urls = [n["url"] for n in doc["nodes"] if n["kind"] == "image" and n.get("url")]
     rows = store.lookup(urls) if store is not None else {}
-    ok = {u: r["resized_sha256"] for u, r in rows.items() if r["status"] == "ok" and r.get("resized_sha256")}
+    ok = store.usable(urls) if store is not None else {}
     counts: Counter = Counter()
     seq = document_sequence(doc["nodes"], ok, tok, counts, require_image=False)
     parts = []

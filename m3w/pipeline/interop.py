@@ -34,7 +34,6 @@ from m3w.schemas.documents import (
     document_files,
     open_documents,
 )
-from m3w.schemas.images import STATUS_OK
 from m3w.schemas.interop import FORMATS, OBELICS_CARD, OBELICS_DATA_DIR, OBELICS_SCHEMA, REQUIRED_COLUMNS
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def export_obelics(
                     urls = {
                         n["url"] for d in docs for n in d["nodes"] if n["kind"] == NODE_IMAGE and n.get("url")
                     }
-                    image_ok = {u for u, row in images.lookup(urls).items() if row["status"] == STATUS_OK}
+                    image_ok = set(images.usable(urls))
                 for doc in docs:
                     row = to_obelics(doc, image_ok)
                     shards.write(row)

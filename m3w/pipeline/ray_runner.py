@@ -35,7 +35,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -407,6 +407,7 @@ class RunSummary:
     counts: Counter
     seconds: float
     failures: dict[str, str]
+    outputs: dict[str, Any] = field(default_factory=dict)  # unit id → what its function returned as output
 
 
 def _format_progress(progress: Counter, counts: Counter, rate_key: str | None, elapsed: float) -> str:
@@ -425,7 +426,7 @@ def _format_progress(progress: Counter, counts: Counter, rate_key: str | None, e
 def run_units(
     fn: Callable[[Any], tuple[str | None, dict[str, int]]],
     units: Sequence[Unit],
-    manifest: Manifest,
+    manifest: Manifest | None,
     *,
     workers: int | None = None,
     ray_address: str | None = None,
@@ -437,14 +438,16 @@ def run_units(
 ) -> RunSummary:
     """Run `fn` over the units not yet done in `manifest`, at most `workers` at a time, and record each result.
 
-    `fn(args) -> (output_relpath, counts)` must write its output atomically. `rate_key` names the count shown
-    as a rate on the progress bar (e.g. "pages" → pages/s); counters the unit passes to `report_progress` are
-    shown live, with their rates.
+    `fn(args) -> (output, counts)` must write its output atomically; `output` (a relative path, or any JSON
+    value describing the outputs) is recorded with the counts. `rate_key` names the count shown as a rate on
+    the progress bar (e.g. "pages" → pages/s); counters the unit passes to `report_progress` are shown live,
+    with their rates. Without a manifest (steps whose outputs are their own proof of completion, like the
+    image store's rows files) nothing is recorded and nothing skipped.
     """
     import ray
 
     start = time.monotonic()
-    done_before = manifest.done_units(manifest.config_hash or None)
+    done_before = manifest.done_units(manifest.config_hash or None) if manifest else set()
     todo = [u for u in units if u.id not in done_before]
     skipped = len(units) - len(todo)
     summary = RunSummary(0, 0, skipped, Counter(), 0.0, {})
@@ -452,7 +455,8 @@ def run_units(
         summary.seconds = time.monotonic() - start
         return summary
 
-    io.remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
+    if manifest:
+        io.remove_temp_files(manifest.dir)  # a killed run's partial outputs: this run rewrites those units
     init_ray(ray_address)
     started = time.monotonic()  # rates count from here, not from before Ray started
     workers = max(1, workers or int(ray.available_resources().get("CPU", 1)))
@@ -493,11 +497,14 @@ def run_units(
                 unit = pending.pop(stream)
                 if status == "done":
                     output, counts = value
-                    manifest.done(unit.id, output, counts)
+                    if manifest:
+                        manifest.done(unit.id, output, counts)
                     summary.done += 1
                     summary.counts.update(counts)
+                    summary.outputs[unit.id] = output
                 else:
-                    manifest.failed(unit.id, value)
+                    if manifest:
+                        manifest.failed(unit.id, value)
                     summary.failed += 1
                     summary.failures[unit.id] = value
                 bar.update(1)

@@ -19,18 +19,6 @@ from m3w.schemas import manifest as spec
 MEASURES = ("documents", "paragraphs", "images", "words")
 
 
-def _stages(directory: Path) -> list[str]:
-    """Stages with entries in `directory`'s manifest, in first-seen order."""
-    stages: dict[str, None] = {}
-    with open(directory / spec.FILENAME, encoding="utf-8") as f:
-        for line in f:
-            try:
-                stages[json.loads(line)["stage"]] = None
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return list(stages)
-
-
 def current_totals(manifest: Manifest) -> tuple[dict[str, int], int, int]:
     """Counts summed over units done under the most recent config, with (units counted, units in manifest).
 
@@ -80,10 +68,11 @@ def funnel(dirs: list[str | Path]) -> list[dict[str, Any]]:
     the filter stage; {"stage", "step": "totals", "counts": {...}} for other stages.
     """
     rows: list[dict[str, Any]] = []
-    for directory in map(Path, dirs):
-        if not (directory / spec.FILENAME).exists():
-            raise FileNotFoundError(f"no {spec.FILENAME} in {directory}: not a stage output directory")
-        for stage in _stages(directory):
+    for directory in map(str, dirs):
+        stages = Manifest.stages(directory)
+        if not stages:
+            raise FileNotFoundError(f"no stage manifest in {directory}: not a stage output directory")
+        for stage in stages:
             totals, counted, units = current_totals(Manifest(directory, stage))
             if any(key.startswith("in.") for key in totals):
                 rows.extend(filter_rows(stage, totals))

@@ -1,21 +1,22 @@
 """Deterministic WebDataset tar files: same samples in, same bytes out.
 
 Every member gets a fixed mtime, uid/gid 0, empty owner names and mode 0644, in the order the caller gives; a
-shard is written to a temp name and renamed when complete, so readers never see a partial shard. (Ray Data's
+shard is built in a local temp file and stored whole when complete (a rename locally, one upload on object
+storage), so readers never see a partial shard. (Ray Data's
 `write_webdataset` stamps the current time into tar headers and writes randomly named files, so it cannot give
 byte-identical outputs.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from m3w.pipeline.io import commit, temp_file
+from m3w.pipeline import io as storage
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; a real date keeps `tar tv` readable
 TAR_FORMAT = tarfile.GNU_FORMAT
@@ -32,14 +33,18 @@ def archive_size(content_bytes: int) -> int:
     return -(-(content_bytes + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one file with fixed metadata; returns the offset of its data in the archive."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = FIXED_MTIME
     info.mode = 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
+    header = len(info.tobuf(TAR_FORMAT, tar.encoding, tar.errors))
+    start = tar.offset
     tar.addfile(info, io.BytesIO(data))
+    return start + header
 
 
 @dataclass
@@ -64,11 +69,11 @@ class ShardInfo:
 
 
 class ShardWriter:
-    """Write samples into `<prefix>-000000.tar`, `<prefix>-000001.tar`, … under `out_dir`.
+    """Write samples into `<prefix>-000000.tar`, `<prefix>-000001.tar`, … under `out_dir` (a path or a URL).
 
     A shard is closed when it holds `max_samples` samples or when the next sample would push it past
-    `max_bytes` (a shard always takes at least one sample). Use as a context manager; `shards` lists what was
-    written.
+    `max_bytes` (a shard always takes at least one sample). Each shard is built in a local temp file and
+    stored whole when closed. Use as a context manager; `shards` lists what was written.
     """
 
     def __init__(
@@ -76,15 +81,14 @@ class ShardWriter:
     ):
         if not max_samples and not max_bytes:
             raise ValueError("set max_samples or max_bytes (or both)")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = str(out_dir)
+        storage.makedirs(self.out_dir)
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
-        self._file = None
-        self._tmp: str | None = None
+        self._stack: contextlib.ExitStack | None = None
         self._current: ShardInfo | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -93,33 +97,26 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self._finish()
-        else:
-            self._abort()
+        elif self._stack is not None:  # the shard in progress is dropped, never stored
+            self._stack.__exit__(exc_type, exc, tb)
+            self._tar = self._stack = self._current = None
 
     def _open_next(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        fd, self._tmp = temp_file(self.out_dir / name)
-        self._file = os.fdopen(fd, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=TAR_FORMAT)
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(storage.atomic_path(storage.join(self.out_dir, name)))
+        self._tar = tarfile.open(self._tmp, mode="w", format=TAR_FORMAT)
+        self._stack.callback(self._tar.close)
         self._current = ShardInfo(name)
 
     def _finish(self) -> None:
         if self._tar is None:
             return
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        commit(self._tmp, self.out_dir / self._current.name)
-        self._current.bytes = (self.out_dir / self._current.name).stat().st_size
+        self._current.bytes = self._tmp.stat().st_size
+        self._stack.close()  # stores the finished shard
         self.shards.append(self._current)
-        self._tar = self._file = self._tmp = self._current = None
-
-    def _abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            os.unlink(self._tmp)
-        self._tar = self._file = self._tmp = self._current = None
+        self._tar = self._stack = self._current = None
 
     def write(self, key: str, files: dict[str, bytes], tokens: int = 0, images: int = 0) -> None:
         """Add one sample: `files` maps extensions ("json", "0.jpg") to bytes, written as `key.ext` in order."""
@@ -141,13 +138,12 @@ class ShardWriter:
         cur.tokens += tokens
         cur.images += images
         cur.bytes += size
-        cur.keys.append(key)
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group a tar's members into samples the way webdataset does: key = name up to the first dot."""
     key, files = None, {}
-    with tarfile.open(path, "r") as tar:
+    with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -96,23 +96,26 @@ def check_version(schema: pa.Schema, expected: str) -> None:
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def document_files(path: str | Path) -> list[Path]:
+def document_files(path: str | Path) -> list[str]:
     """The document files of a documents/ or filtered/ directory in name order (not its subdirectories, nor
-    temp files), or the one file given."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if path.is_file():
+    temp files), or the one file given; a local path or any fsspec URL (`s3://bucket/filtered`)."""
+    from m3w.pipeline import io
+
+    path = str(path)
+    if io.is_dir(path):
+        names = io.list_dir(path)
+        return [io.join(path, n) for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    if io.is_file(path):
         return [path]
     raise FileNotFoundError(f"no documents at {path}")
 
 
 def open_documents(file: str | Path):
-    """One documents file as a pyarrow ParquetFile, refused if written in another schema version."""
-    import pyarrow.parquet as pq
+    """One documents file as a pyarrow ParquetFile (local or URL), refused if written in another schema version."""
+    from m3w.pipeline import io
 
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = io.parquet_file(file)
         check_version(parquet.schema_arrow, SCHEMA_VERSION)
     except (pa.ArrowInvalid, FormatError) as exc:  # ArrowInvalid: not parquet (no magic bytes, a torn footer)
         raise FormatError(f"{file}: not a documents file ({exc})") from exc

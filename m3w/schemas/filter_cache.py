@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m3w.pipeline.io import parquet_file, read_ranges, write_bytes, write_parquet
+from m3w.pipeline.io import parquet_file, read_ranges, write_bytes, write_parquet_atomic
 from m3w.schemas.documents import METADATA_KEY, check_version
 
 # Bytes read through this module in this process, by kind ("signals", "parts", "drops"): tasks report the
@@ -85,7 +85,7 @@ _PLAIN_COLUMNS = (
 
 def write_signals(table: pa.Table, url: str) -> None:
     dictionary = [c for c in _dictionary_columns(table.schema) if c not in _PLAIN_COLUMNS]
-    write_parquet(table, url, compression="zstd", use_dictionary=dictionary)
+    write_parquet_atomic(table, url, use_dictionary=dictionary)
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -225,7 +225,7 @@ DROPS_SCHEMA = pa.schema(
 
 
 def write_drops(table: pa.Table, url: str) -> None:
-    write_parquet(table.cast(DROPS_SCHEMA), url, compression="zstd")
+    write_parquet_atomic(table.cast(DROPS_SCHEMA), url)
 
 
 def read_drops(url: str) -> pa.Table:

@@ -1,12 +1,12 @@
 """The image store's pHash duplicate counts (`pipeline/image_filters/duplicates.py` computes them).
 
 Layout, under the store:
-    _phash/counts/<key>/map/<n>.parts   during a count only: the pHashes of the stored images of index file n,
+    _phash/counts/<key>/map/<n>.parts   during a count only: the pHashes of the stored images of rows file n,
                                         hash-partitioned (the filter dedup's partitioned files,
                                         `schemas.filter_cache.write_parts`)
     _phash/counts/<key>/<p>.parquet     per partition: every pHash that ≥ 2 stored images have, with how many,
                                         most-used first (row-group statistics find the pHashes over K quickly)
-    _phash/counts/<key>/_done           the counts of exactly these index files are complete (written last):
+    _phash/counts/<key>/_done           the counts of exactly these rows files are complete (written last):
                                         {"partitions": P}
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from m3w.pipeline.io import exists, join, parquet_file, read_bytes, write_bytes, write_parquet
+from m3w.pipeline.io import exists, join, parquet_file, read_bytes, write_bytes, write_parquet_atomic
 from m3w.schemas.documents import check_version
 
 SCHEMA_VERSION = "m3w.image-duplicates/1"
@@ -57,7 +57,7 @@ def write_counts(url: str, phashes: np.ndarray, images: np.ndarray) -> None:
     """One partition's counts, most-used first."""
     order = np.lexsort((phashes, -images))
     table = pa.table({"phash": phashes[order], "images": images[order]}, schema=PHASH_COUNTS_SCHEMA)
-    write_parquet(table, url, compression="zstd", row_group_size=COUNTS_ROW_GROUP)
+    write_parquet_atomic(table, url, row_group_size=COUNTS_ROW_GROUP)
 
 
 def mark_done(directory: str, partitions: int) -> None:

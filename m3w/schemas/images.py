@@ -1,23 +1,53 @@
-"""The `images/` store: a content-addressed image store keyed by URL.
+"""The `images/` store: every image URL ever attempted → its status and, when usable, its resized JPEG.
 
-Layout of a store directory:
-    index/*.parquet        one row per URL attempt (IMAGE_INDEX_SCHEMA); per URL the row with the most attempts
-                           wins (ties: the later file). pipeline.imagestore.ImageStore merges them
-    blobs/ab/<sha256>.jpg  resized image bytes, named by the sha256 of the *resized* JPEG bytes
-    _manifest.jsonl        the stage manifest (schemas.manifest)
+Layout of a store folder (local or object storage; `pipeline.imagestore` reads and writes it):
+
+    _image_filters.json               the image filter thresholds in force (readers apply them to the scores)
+    _store.json                       the committed state: schema, bucket count H, store settings (geometry,
+                                      encoding), generation, and per bucket the generation of its index file
+                                      and its row count. Written last by a run: it is what commits the run
+    rows/g000007/u000003.parquet      one file per fetch unit (~10 k URLs): the full row of every URL the unit
+                                      attempted (IMAGE_ROW_SCHEMA), sorted by url hash. Never rewritten
+    blobs/g000007/u000003.tar         that unit's resized JPEGs: a plain tar, one member `<sha256>.jpg` per
+                                      distinct image (identical bytes stored once per shard); rows point at the
+                                      member's bytes by (blob_shard, blob_offset, blob_length)
+    index/h=00042/g000007.idx         bucket 42's index after generation 7: one fixed-width record per URL
+                                      (INDEX_RECORD), sorted by url hash, "most attempts wins" applied; a fence
+                                      of every FENCE_STRIDE-th hash at its head for point lookups
+    _manifest/images/g000007.json     one manifest entry per run (schemas.manifest)
+    _lease.json                       held while a run writes (schemas.manifest)
+    _runs/g000008/                    scratch of a run in progress (URL lists by bucket, pending URLs)
+
+A URL's bucket is fixed by its hash: the top bits of a 64-bit hash split the hash space into H equal ranges,
+so bucket files are contiguous slices of one global hash order. A URL is identified by 128 bits of hash
+(`url_hash`, `url_hash2`): the index never holds URL strings, only the rows files do.
 
 Statuses follow img2dataset's convention (status + error_message + sizes + sha256 per URL), with a closed set.
+Layout version 1 (`index/*.parquet` + `blobs/ab/<sha256>.jpg`, one file per image) is converted by
+`m3w store migrate`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "m3w.images/1"
+SCHEMA_VERSION = "m3w.images/2"
+LEGACY_SCHEMA_VERSION = "m3w.images/1"
+
+STORE_FILE = "_store.json"
+RUNS_DIR = "_runs"
+DEFAULT_BUCKETS = (
+    128  # fixed when a store is created: 504 M URLs (353 M images) → 3.9 M per bucket, 284 MB files
+)
+FENCE_STRIDE = 256  # one fence hash per 256 index records: a point lookup reads one 12 KB block
 
 STATUS_OK = "ok"
 STATUSES = (
@@ -34,13 +64,14 @@ STATUSES = (
     "bad_url",
 )
 # Statuses that may be transient: retried (bounded) on the next run. Every other status is final.
-# "http_error_5xx" stands for http_error with a 5xx or 429 status, or none (connection refused/reset);
-# pipeline.imagestore.is_final applies this rule.
+# "http_error_5xx" stands for http_error with a 5xx or 429 status, or none (connection refused/reset).
 RETRYABLE_STATUSES = ("timeout", "http_error_5xx")
 
-IMAGE_INDEX_SCHEMA = pa.schema(
+IMAGE_ROW_SCHEMA = pa.schema(
     [
         pa.field("url", pa.string(), nullable=False),
+        pa.field("url_hash", pa.int64(), nullable=False),  # url_hashes(url)[0]: the sort and bucket key
+        pa.field("url_hash2", pa.int64(), nullable=False),  # url_hashes(url)[1]: with url_hash, the URL's id
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_message", pa.string()),
         pa.field("http_status", pa.int32()),
@@ -50,7 +81,7 @@ IMAGE_INDEX_SCHEMA = pa.schema(
         pa.field("original_format", pa.string()),
         pa.field("original_bytes", pa.int64()),
         pa.field("sha256", pa.string()),  # of the original downloaded bytes
-        pa.field("resized_sha256", pa.string()),  # blob key of the stored resized JPEG
+        pa.field("resized_sha256", pa.string()),  # of the stored resized JPEG
         pa.field("resized_width", pa.int32()),
         pa.field("resized_height", pa.int32()),
         pa.field("fetched_at", pa.string()),
@@ -62,9 +93,287 @@ IMAGE_INDEX_SCHEMA = pa.schema(
         pa.field("clip_model", pa.string()),
         pa.field("nsfw_score", pa.float32()),  # NSFW probability, 0..1
         pa.field("nsfw_model", pa.string()),
+        pa.field("blob_shard", pa.int64()),  # shard id (generation, unit) of the blob tar; null: no image
+        pa.field("blob_offset", pa.int64()),  # where the JPEG bytes start in that tar
+        pa.field("blob_length", pa.int64()),
     ],
     metadata={b"m3w.schema_version": SCHEMA_VERSION.encode()},
 )
+
+# One index record per URL (little-endian, 72 bytes). `row` is the URL's row in the rows file of `shard`. The
+# image filter scores the thresholds apply to are here too (NaN, or has_phash 0: no score), so a reader decides
+# "usable" from the index alone, the pHash duplicate rule included.
+INDEX_RECORD = np.dtype(
+    [
+        ("url_hash", "<i8"),
+        ("url_hash2", "<i8"),
+        ("shard", "<i8"),
+        ("blob_offset", "<i8"),
+        ("blob_length", "<i4"),
+        ("row", "<i4"),
+        ("nsfw_score", "<f4"),
+        ("clip_similarity", "<f4"),
+        ("blur", "<f4"),
+        ("text_share", "<f4"),
+        ("phash", "<i8"),
+        ("attempts", "<i2"),
+        ("http_status", "<i2"),  # 0: none
+        ("status", "u1"),  # index into STATUSES
+        ("final", "u1"),  # 1: never fetched again (is_final)
+        ("has_phash", "u1"),  # 0: phash is no score (the step was off)
+        ("_pad", "V1"),
+    ]
+)
+RECORD_SCORES = ("nsfw_score", "clip_similarity", "blur", "text_share")
+INDEX_MAGIC = b"M3WIDX04"
+_INDEX_HEAD = struct.Struct("<8sqqq")  # magic, records, fence stride, fence length
+INDEX_HEAD_SIZE = _INDEX_HEAD.size
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+def url_hashes(url: str) -> tuple[int, int]:
+    """Two independent signed 64-bit hashes of a URL (blake2b-128): its identity in the store."""
+    digest = hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(
+        digest[8:], "little", signed=True
+    )
+
+
+def bucket_of(url_hash: np.ndarray | int, buckets: int) -> np.ndarray | int:
+    """Bucket of a hash: the top 32 bits of (hash + 2^63), scaled to [0, buckets). Monotone in the signed
+    hash, so a bucket is one contiguous range of the sort order."""
+    shifted = np.asarray(url_hash, dtype=np.int64).view(np.uint64) ^ np.uint64(1 << 63)
+    out = ((shifted >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)
+    return out.astype(np.int64) if out.ndim else int(out)
+
+
+def bucket_hash_range(bucket: int, buckets: int) -> tuple[int, int]:
+    """The signed hashes [low, high] of a bucket (inclusive)."""
+    top_low = -(-(bucket << 32) // buckets)  # smallest top-32-bits value landing in `bucket`
+    top_high = -(-((bucket + 1) << 32) // buckets) - 1
+    return (top_low << 32) - (1 << 63), ((top_high << 32) | 0xFFFFFFFF) - (1 << 63)
+
+
+# ---------------------------------------------------------------------------------------------- statuses
+
+
+def status_code(status: str) -> int:
+    return STATUSES.index(status)
+
+
+def is_final(status: str, http_status: int | None) -> bool:
+    """A final status is never fetched again. Timeouts, 5xx, 429 and connection failures (http_error without
+    an HTTP status) may be transient and are retried, a bounded number of times."""
+    if status == "timeout":
+        return False
+    if status == "http_error":
+        return http_status is not None and http_status < 500 and http_status != 429
+    return True
+
+
+def is_usable(row: dict[str, Any]) -> bool:
+    """The one rule for "this URL has an image the later stages may use": status ok and stored bytes."""
+    return (
+        row.get("status") == STATUS_OK and row.get("blob_shard") is not None and bool(row.get("blob_length"))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def shard_id(generation: int, unit: int) -> int:
+    return (generation << 32) | unit
+
+
+def shard_parts(shard: int) -> tuple[int, int]:
+    return shard >> 32, shard & 0xFFFFFFFF
+
+
+def rows_relpath(shard: int) -> str:
+    generation, unit = shard_parts(shard)
+    return f"rows/g{generation:06d}/u{unit:06d}.parquet"
+
+
+def rows_file_unit(rows_file: str) -> str:
+    """A rows file's unit id, `g000007/u000003`, from its path or URL (file names repeat across generations)."""
+    return "/".join(str(rows_file).rstrip("/").rsplit("/", 2)[-2:]).removesuffix(".parquet")
+
+
+def blob_relpath(shard: int) -> str:
+    generation, unit = shard_parts(shard)
+    return f"blobs/g{generation:06d}/u{unit:06d}.tar"
+
+
+def blob_member_name(resized_sha256: str) -> str:
+    return f"{resized_sha256}.jpg"
+
+
+def index_relpath(bucket: int, generation: int) -> str:
+    return f"index/h={bucket:05d}/g{generation:06d}.idx"
+
+
+def run_relpath(generation: int) -> str:
+    return f"{RUNS_DIR}/g{generation:06d}"
+
+
+# ---------------------------------------------------------------------------------------------- the state
+
+
+@dataclass
+class StoreState:
+    """`_store.json`: what a reader needs to find every current file without listing a folder."""
+
+    buckets: int
+    settings: dict[str, Any]
+    generation: int = 0
+    index_generations: list[int] | None = None  # per bucket: generation of its .idx file (-1: none yet)
+    index_rows: list[int] | None = None  # per bucket: records in that file
+    history: list[dict[str, Any]] | None = None  # one line per committed generation (what it added)
+
+    def __post_init__(self) -> None:
+        if self.index_generations is None:
+            self.index_generations = [-1] * self.buckets
+        if self.index_rows is None:
+            self.index_rows = [0] * self.buckets
+        if self.history is None:
+            self.history = []
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "buckets": self.buckets,
+            "settings": self.settings,
+            "generation": self.generation,
+            "index_generations": self.index_generations,
+            "index_rows": self.index_rows,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> StoreState:
+        if data.get("schema") != SCHEMA_VERSION:
+            raise ValueError(
+                f"{where}: image store schema {data.get('schema')!r}, expected {SCHEMA_VERSION!r}"
+            )
+        return cls(
+            buckets=int(data["buckets"]),
+            settings=data.get("settings") or {},
+            generation=int(data["generation"]),
+            index_generations=[int(g) for g in data["index_generations"]],
+            index_rows=[int(n) for n in data["index_rows"]],
+            history=list(data.get("history") or []),
+        )
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), sort_keys=True) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------------- index files
+
+
+def encode_index(records: np.ndarray, stride: int = FENCE_STRIDE) -> bytes:
+    """An index file: head, fence (every `stride`-th url_hash), records (sorted by url_hash, url_hash2)."""
+    records = np.ascontiguousarray(records, dtype=INDEX_RECORD)
+    fence = np.ascontiguousarray(records["url_hash"][::stride]).astype("<i8")
+    head = _INDEX_HEAD.pack(INDEX_MAGIC, len(records), stride, len(fence))
+    return head + fence.tobytes() + records.tobytes()
+
+
+def index_fence_size(records: int, stride: int = FENCE_STRIDE) -> int:
+    """Bytes of head + fence for a file of `records` records: what a point lookup reads first."""
+    return INDEX_HEAD_SIZE + 8 * -(-records // stride)
+
+
+def decode_index_head(data: bytes, where: str) -> tuple[int, int, np.ndarray]:
+    """(records, stride, fence) from the first index_fence_size(records) bytes of an index file."""
+    magic, records, stride, fence_len = _INDEX_HEAD.unpack_from(data)
+    if magic != INDEX_MAGIC:
+        raise ValueError(f"{where}: not an m3w image index file (magic {magic!r})")
+    end = INDEX_HEAD_SIZE + 8 * fence_len
+    if len(data) < end:
+        raise ValueError(f"{where}: truncated index head ({len(data)} of {end} bytes)")
+    return records, stride, np.frombuffer(data[INDEX_HEAD_SIZE:end], dtype="<i8")
+
+
+def decode_index(data: bytes, where: str) -> np.ndarray:
+    """Every record of a whole index file."""
+    records, _, fence = decode_index_head(data, where)
+    start = INDEX_HEAD_SIZE + 8 * len(fence)
+    body = data[start : start + records * INDEX_RECORD.itemsize]
+    if len(body) != records * INDEX_RECORD.itemsize:
+        raise ValueError(
+            f"{where}: truncated index ({len(body)} bytes of records, expected {records} records)"
+        )
+    return np.frombuffer(body, dtype=INDEX_RECORD)
+
+
+def records_offset(fence_len: int) -> int:
+    return INDEX_HEAD_SIZE + 8 * fence_len
+
+
+def empty_records(n: int = 0) -> np.ndarray:
+    return np.zeros(n, dtype=INDEX_RECORD)
+
+
+def rows_to_records(table: pa.Table, shard: int) -> np.ndarray:
+    """Index records of a rows file's table (row numbers are the table's positions)."""
+    n = table.num_rows
+    rec = empty_records(n)
+    if not n:
+        return rec
+    rec["url_hash"] = table.column("url_hash").to_numpy()
+    rec["url_hash2"] = table.column("url_hash2").to_numpy()
+    rec["shard"] = shard
+    has_blob = table.column("blob_shard").is_valid().to_numpy(zero_copy_only=False)
+    rec["blob_offset"] = np.where(has_blob, table.column("blob_offset").fill_null(-1).to_numpy(), -1)
+    rec["blob_length"] = np.where(has_blob, table.column("blob_length").fill_null(0).to_numpy(), 0)
+    rec["row"] = np.arange(n, dtype=np.int32)
+    for score in RECORD_SCORES:
+        rec[score] = table.column(score).cast(pa.float32()).fill_null(np.nan).to_numpy()
+    phash = table.column("phash")
+    rec["phash"] = phash.fill_null(0).to_numpy()
+    rec["has_phash"] = phash.is_valid().to_numpy(zero_copy_only=False)
+    rec["attempts"] = table.column("attempts").fill_null(1).to_numpy()
+    http = table.column("http_status").fill_null(0).to_numpy()
+    rec["http_status"] = http
+    statuses = table.column("status").to_pylist()
+    rec["status"] = [status_code(s) for s in statuses]
+    rec["final"] = [is_final(s, h or None) for s, h in zip(statuses, http.tolist())]
+    return rec
+
+
+def merge_records(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """One record per URL: the most attempts wins; on a tie, the later shard (the later generation/unit).
+    Sorted by (url_hash, url_hash2)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return empty_records()
+    rec = np.concatenate(parts)
+    # lexsort: last key is primary. Within a URL, the winner (most attempts, then latest shard) comes first.
+    order = np.lexsort((-rec["shard"], -rec["attempts"].astype(np.int64), rec["url_hash2"], rec["url_hash"]))
+    rec = rec[order]
+    first = np.ones(len(rec), dtype=bool)
+    first[1:] = (rec["url_hash"][1:] != rec["url_hash"][:-1]) | (
+        rec["url_hash2"][1:] != rec["url_hash2"][:-1]
+    )
+    return rec[first]
+
+
+def record_status(record: np.void) -> str:
+    return STATUSES[int(record["status"])]
+
+
+def record_row(record: np.void) -> dict[str, Any]:
+    """What `is_usable` and the image filter thresholds read, from an index record."""
+    row = {"status": record_status(record), "blob_length": int(record["blob_length"])}
+    row["blob_shard"] = int(record["shard"]) if row["blob_length"] > 0 else None
+    for score in RECORD_SCORES:
+        value = float(record[score])
+        row[score] = None if np.isnan(value) else value
+    row["phash"] = int(record["phash"]) if record["has_phash"] else None
+    return row
 
 
 # The image filter thresholds in force (an ImageFiltersConfig as JSON), written by each `m3w images` run; readers of
@@ -73,28 +382,38 @@ IMAGE_INDEX_SCHEMA = pa.schema(
 IMAGE_FILTERS_FILE = "_image_filters.json"
 
 
-def write_image_filters(root: str | Path, config: dict[str, Any], phash_counts: str | None = None) -> None:
-    from m3w.pipeline.io import atomic_open
+def write_image_filters(root: str, config: dict[str, Any], phash_counts: str | None = None) -> None:
+    from m3w.pipeline import io
 
     record = {"schema": SCHEMA_VERSION, "image_filters": config, "phash_counts": phash_counts}
-    with atomic_open(Path(root) / IMAGE_FILTERS_FILE, "w") as f:
-        json.dump(record, f, sort_keys=True, indent=1)
+    io.write_json(io.join(root, IMAGE_FILTERS_FILE), record, indent=1)
 
 
-def _read_record(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / IMAGE_FILTERS_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_record(root: str) -> dict[str, Any] | None:
+    from m3w.pipeline import io
+
+    try:
+        return io.read_json(io.join(str(root), IMAGE_FILTERS_FILE))
+    except FileNotFoundError:
+        return None
 
 
-def read_image_filters(root: str | Path) -> dict[str, Any] | None:
+def read_image_filters(root: str) -> dict[str, Any] | None:
     record = _read_record(root)
     return None if record is None else record["image_filters"]
 
 
-def read_phash_counts(root: str | Path) -> str | None:
+def read_phash_counts(root: str) -> str | None:
     record = _read_record(root)
     return None if record is None else record.get("phash_counts")
 
 
-def blob_relpath(resized_sha256: str) -> str:
+# ---------------------------------------------------------------------------------------------- layout 1
+
+# Layout version 1, read only by `m3w store migrate`: index/*.parquet (one row per URL attempt, the most
+# attempts wins, ties: the later file), blobs/ab/<sha256>.jpg (one file per image), _store_config.json.
+LEGACY_SETTINGS_FILE = "_store_config.json"
+
+
+def legacy_blob_relpath(resized_sha256: str) -> str:
     return f"blobs/{resized_sha256[:2]}/{resized_sha256}.jpg"

@@ -1,21 +1,32 @@
-"""WebDataset shard samples and the shard-set manifest.
+"""WebDataset shard samples and the shard-set manifest `shards.json` (defined, written and read here).
 
-A sample in `shards/<dataset>/<name>-000000.tar`:
+A sample in `shards/<dataset>/<name>-<unit>-000000.tar`:
     <key>.json    SAMPLE_JSON_FIELDS below
     <key>.0.jpg … <key>.{n-1}.jpg   one file per media item (images), 320x320 JPEG
 For video pairs, the one media item is T frames: <key>.0.jpg … <key>.{T-1}.jpg with "media": [{"frames": T}].
 
 `__key__` is derived from the document id and window index, with no dots (webdataset splits keys on dots).
 Each `<image>` token in `input_ids` has exactly one media item, in order.
+
+Each unit (one input file) writes its own tars, named after the unit; `shards.json` lists every shard of the
+dataset in unit order with its counts, which is what readers (the trainer, `m3w inspect`) go by:
+
+    {"schema": SCHEMA_VERSION, "dataset": str, "tokenizer": {"name", "fingerprint"},
+     "seq_len": L, "max_media": N, "num_frames": T, "config_hash": str, "config": {...},
+     "inputs": [unit ids], "failed_units": [unit ids],
+     "shards": [{"name", "samples", "tokens", "images", "bytes"}, ...],
+     "totals": {"shards", "samples", "tokens", "images", "bytes"}, "unit_counts": {name: int}}
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 SCHEMA_VERSION = "m3w.shards/1"
-# Per shard directory: {"schema", "dataset", "tokenizer", "seq_len", "max_media", "num_frames", "config_hash",
-# "shards": [...]}; seq_len (L), max_media (N) and num_frames (T) bound every sample of the set (the trainer
-# checks them against its config).
-SHARD_MANIFEST = "shards.json"
+SHARD_MANIFEST = "shards.json"  # per shard folder
+# seq_len (L), max_media (N) and num_frames (T) bound every sample of a set (the trainer checks them against
+# its config)
 SAMPLE_LIMITS = ("seq_len", "max_media", "num_frames")
 
 DATASETS = ("m3w", "alt_pairs", "caption_pairs", "video_pairs")
@@ -34,3 +45,72 @@ SAMPLE_JSON_FIELDS = (
 # Extra provenance keys per dataset (additive): m3w "token_start" (window offset in the document's token
 # sequence); alt/caption pairs "image_url"; video pairs "table_row", "frame_times", "distinct_frames",
 # "fill" ("none" | "loop" | "pad": how a clip shorter than T/fps seconds was filled), "duration".
+
+TOTALS = ("samples", "tokens", "images", "bytes")
+
+
+def shard_manifest(
+    dataset: str,
+    tokenizer: dict[str, str],
+    shards: list[dict[str, Any]],
+    limits: dict[str, int],
+    *,
+    config_hash: str = "",
+    config: dict[str, Any] | None = None,
+    inputs: list[str] | None = None,
+    failed_units: list[str] | None = None,
+    unit_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The `shards.json` of a dataset whose shards (in reading order) are `shards`, every sample within
+    `limits` (SAMPLE_LIMITS)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "dataset": dataset,
+        "tokenizer": tokenizer,
+        **{key: int(limits[key]) for key in SAMPLE_LIMITS},
+        "config_hash": config_hash,
+        "config": config or {},
+        "inputs": inputs or [],
+        "failed_units": failed_units or [],
+        "shards": shards,
+        "totals": {"shards": len(shards), **{k: sum(int(s.get(k, 0)) for s in shards) for k in TOTALS}},
+        "unit_counts": dict(sorted((unit_counts or {}).items())),
+    }
+
+
+def write_shard_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    """Write `folder/shards.json` (a local path or a URL) in one piece."""
+    from m3w.pipeline import io
+
+    data = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    io.write_bytes(io.join(folder, SHARD_MANIFEST), data.encode())
+
+
+def read_shard_manifest(folder: str) -> dict[str, Any]:
+    """Read and check `folder/shards.json` (a local path or an fsspec URL)."""
+    from m3w.pipeline import io
+
+    url = io.join(str(folder), SHARD_MANIFEST)
+    try:
+        manifest = io.read_json(url)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no shard manifest at {url}: run `m3w shards` first") from exc
+    if manifest.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{url}: schema {manifest.get('schema')!r}, expected {SCHEMA_VERSION!r}")
+    missing = [k for k in SAMPLE_LIMITS if not isinstance(manifest.get(k), int)]
+    if missing:
+        from m3w.errors import UserError
+
+        raise UserError(f"{url} does not say its {', '.join(missing)}: re-run `m3w shards` to rewrite it")
+    return manifest
+
+
+def shard_urls(folder: str, manifest: dict[str, Any], non_empty: bool = True) -> list[str]:
+    """The URLs of a manifest's shards, in order (by default only those holding samples)."""
+    from m3w.pipeline import io
+
+    return [
+        io.join(str(folder), s["name"])
+        for s in manifest["shards"]
+        if s.get("samples", 0) > 0 or not non_empty
+    ]

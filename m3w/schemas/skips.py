@@ -40,8 +40,11 @@ SKIP_SCHEMA = pa.schema(
 )
 
 
-def skip_log_path(out_dir: str | Path, unit: str) -> Path:
-    return Path(out_dir) / DIRNAME / f"{unit}.parquet"
+def skip_log_path(out_dir: str | Path, unit: str) -> str:
+    """Where a unit's skip log lies (a local path or a URL, as `out_dir`)."""
+    from m3w.pipeline import io
+
+    return io.join(out_dir, DIRNAME, f"{unit}.parquet")
 
 
 class SkipLogWriter:
@@ -73,18 +76,24 @@ class SkipLogWriter:
         self.close()
 
 
-def skip_log_files(out_dir: str | Path, units: Iterable[str] | None = None) -> list[Path]:
+def skip_log_files(out_dir: str | Path, units: Iterable[str] | None = None) -> list[str]:
     """The skip logs in a documents/ directory (of `units` only, when given), in name order."""
-    directory = Path(out_dir) / DIRNAME
+    from m3w.pipeline import io
+
+    names = [
+        n for n in io.list_dir(io.join(out_dir, DIRNAME)) if n.endswith(".parquet") and not n.startswith(".")
+    ]
     if units is not None:
-        return sorted(p for p in (skip_log_path(out_dir, u) for u in units) if p.exists())
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
+        names = sorted(set(names) & {f"{u}.parquet" for u in units})
+    return [io.join(out_dir, DIRNAME, n) for n in names]
 
 
-def iter_skips(files: Iterable[Path], batch_size: int = 4096) -> Iterator[dict[str, Any]]:
-    """The rows of skip logs, file by file, streaming row groups."""
+def iter_skips(files: Iterable[str | Path], batch_size: int = 4096) -> Iterator[dict[str, Any]]:
+    """The rows of skip logs (local paths or URLs), file by file, streaming row groups."""
+    from m3w.pipeline import io
+
     for file in files:
-        parquet = pq.ParquetFile(file)
+        parquet = io.parquet_file(file)
         check_version(parquet.schema_arrow, SCHEMA_VERSION)
         for batch in parquet.iter_batches(batch_size=batch_size):
             yield from batch.to_pylist()

@@ -89,28 +89,14 @@ def join_url(base: str, name: str) -> str:
 
 
 def read_shard_set(path: str) -> ShardSet:
-    """Read `<path>/shards.json` (local directory or fsspec URL) and list its non-empty shards."""
-    manifest_url = join_url(path, spec.SHARD_MANIFEST)
-    try:
-        with fsspec.open(manifest_url, "r", encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no shard manifest at {manifest_url}: run `m3w shards` first") from exc
-    if manifest.get("schema") != spec.SCHEMA_VERSION:
-        raise ValueError(
-            f"{manifest_url}: schema {manifest.get('schema')!r}, expected {spec.SCHEMA_VERSION!r}"
-        )
+    """Read `<path>/shards.json` (local folder or fsspec URL) and list its non-empty shards."""
+    manifest = spec.read_shard_manifest(path)
     shards = [s for s in manifest["shards"] if s.get("samples", 0) > 0]
     if not shards:
-        raise ValueError(f"{manifest_url}: lists no non-empty shards")
-    missing = [k for k in spec.SAMPLE_LIMITS if not isinstance(manifest.get(k), int)]
-    if missing:
-        raise UserError(
-            f"{manifest_url} does not say its {', '.join(missing)}: re-run `m3w shards` to rewrite it"
-        )
+        raise ValueError(f"{join_url(path, spec.SHARD_MANIFEST)}: lists no non-empty shards")
     return ShardSet(
         dataset=manifest.get("dataset", ""),
-        urls=[join_url(path, s["name"]) for s in shards],
+        urls=spec.shard_urls(path, manifest),
         samples_per_shard=[int(s["samples"]) for s in shards],
         tokenizer=manifest.get("tokenizer") or {},
         **{k: manifest[k] for k in spec.SAMPLE_LIMITS},

@@ -7,7 +7,7 @@ follow images). Whitespace is collapsed and the text cut to `max_chars`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,14 @@ def image_contexts(nodes: Sequence[dict[str, Any]], max_chars: int) -> Iterator[
         yield node["url"], own[:max_chars]
 
 
-def first_contexts(document_inputs: Iterable[str | Path], urls: set[str], max_chars: int) -> dict[str, str]:
-    """url → its context on the first page (in input order) that says something about it, for the `urls` given.
-    An image used on many pages is stored and scored once, so one page's text stands for all of them: the
-    first non-empty one, which makes the score deterministic for a given input."""
+def first_contexts(documents: str | Path, max_chars: int) -> dict[str, str]:
+    """url → its context on the first page (in file order) of the documents file `documents` that says something
+    about it. An image used on many pages is stored and scored once, so one page's text stands for all of them:
+    the first non-empty one in input order (the images stage keeps the earliest file's), which makes the score
+    deterministic for a given input."""
     found: dict[str, str] = {}
-    for path in document_inputs:
-        for doc in iter_documents(path, columns=["nodes"]):
-            for url, text in image_contexts(doc["nodes"], max_chars):
-                if text and url in urls and url not in found:
-                    found[url] = text
+    for doc in iter_documents(documents, columns=["nodes"]):
+        for url, text in image_contexts(doc["nodes"], max_chars):
+            if text and url not in found:
+                found[url] = text
     return found

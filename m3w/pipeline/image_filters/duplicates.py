@@ -9,14 +9,14 @@ documents: `dedup.image_url_max_docs`). The counts are kept in the store (`schem
 A corpus-wide group-by on the filter dedup's machinery, so that no task, and not the driver, holds the store's
 pHashes:
 
-    map     one task per run of consecutive index files (≤ ROWS_PER_TASK rows: a store has many small index
+    map     one task per run of consecutive rows files (≤ ROWS_PER_TASK rows: a store has many small index
             files): the pHashes of their stored images, hash-partitioned on a 64-bit mix of the pHash (pHash bits
             are far from uniform) into one partitioned file (`filter_cache.write_parts`)
     reduce  one task per partition: that partition of every map file (one byte range of each), counted; the
             map files go once every partition is counted
     read    the pHashes over K (few: the most-used pictures), by the decide step and by the store's readers
 
-The counts are cached under a key of the index files they came from: a run that adds index files counts again.
+The counts are cached under a key of the rows files they came from: a run that adds rows files counts again.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from m3w.schemas import image_duplicates as spec
 from m3w.schemas.filter_cache import read_parts, write_parts
 from m3w.schemas.images import STATUS_OK
 
-ROWS_PER_TASK = 4_000_000  # index rows one map task reads, pHashes one reduce task counts (32 MB of int64)
+ROWS_PER_TASK = 4_000_000  # rows one map task reads, pHashes one reduce task counts (32 MB of int64)
 
 
 def shuffle_keys(phashes: np.ndarray) -> np.ndarray:
@@ -44,9 +44,9 @@ def shuffle_keys(phashes: np.ndarray) -> np.ndarray:
     return mix64(phashes, np.zeros_like(phashes))
 
 
-def map_index_files(index_files: Sequence[str], out: str, partitions: int) -> int:
-    """Ray task: the pHashes of some index files' stored images, partitioned. Returns their number."""
-    tables = [parquet_file(f).read(columns=["status", "phash"]) for f in index_files]
+def map_rows_files(rows_files: Sequence[str], out: str, partitions: int) -> int:
+    """Ray task: the pHashes of some rows files' stored images, partitioned. Returns their number."""
+    tables = [parquet_file(f).read(columns=["status", "phash"]) for f in rows_files]
     table = pa.concat_tables(tables)
     table = table.filter(pc.and_(pc.equal(table["status"], STATUS_OK), pc.is_valid(table["phash"])))
     phashes = table.column("phash").to_numpy()
@@ -65,9 +65,9 @@ def count_partition(map_files: Sequence[str], partition: int, partitions: int, o
     return int(shared.sum())
 
 
-def counts_key(index_files: Sequence[str | Path]) -> str:
-    """The counts' cache key: the index files they count (whole paths: file names may repeat across folders)."""
-    return stable_hash({"version": spec.SCHEMA_VERSION, "files": sorted(map(str, index_files))})
+def counts_key(rows_files: Sequence[str | Path]) -> str:
+    """The counts' cache key: the rows files they count (whole paths: file names may repeat across folders)."""
+    return stable_hash({"version": spec.SCHEMA_VERSION, "files": sorted(map(str, rows_files))})
 
 
 def _runs(sizes: Sequence[int], limit: int) -> list[range]:
@@ -83,27 +83,27 @@ def _runs(sizes: Sequence[int], limit: int) -> list[range]:
 
 def run_phash_counts(
     store: str | Path,
-    index_files: Sequence[str | Path],
+    rows_files: Sequence[str | Path],
     ray_address: str | None = None,
     rows_per_task: int = ROWS_PER_TASK,
 ) -> str:
-    """Count the pHashes of the stored images of `index_files` (map and reduce as Ray tasks); returns the key
-    of the counts (`schemas.image_duplicates.counts_dir`). Cached: the same index files are counted once."""
+    """Count the pHashes of the stored images of `rows_files` (map and reduce as Ray tasks); returns the key
+    of the counts (`schemas.image_duplicates.counts_dir`). Cached: the same rows files are counted once."""
     import ray
 
     from m3w.pipeline.ray_runner import init_ray, ray_task
 
-    key = counts_key(index_files)
+    key = counts_key(rows_files)
     directory = spec.counts_dir(store, key)
     if spec.done_partitions(directory) is not None:
         return key
-    files = [str(f) for f in index_files]
+    files = [str(f) for f in rows_files]
     rows = [parquet_file(f).metadata.num_rows for f in files]  # footers: an upper bound of the stored images
     partitions = max(1, math.ceil(sum(rows) / rows_per_task))
     runs = _runs(rows, rows_per_task)
     init_ray(ray_address)
     map_files = [spec.map_file(directory, i) for i in range(len(runs))]
-    mapper = ray.remote(max_retries=1)(ray_task(map_index_files))
+    mapper = ray.remote(max_retries=1)(ray_task(map_rows_files))
     ray.get([mapper.remote([files[i] for i in run], out, partitions) for run, out in zip(runs, map_files)])
     reducer = ray.remote(max_retries=1)(ray_task(count_partition))
     ray.get(
@@ -112,7 +112,7 @@ def run_phash_counts(
     spec.mark_done(directory, partitions)
     fs, root = url_to_fs(spec.counts_root(store))
     fs.rm(f"{root}/{key}/map", recursive=True)  # the shuffle's files: counted
-    for old in fs.ls(root, detail=False):  # counts of an earlier set of index files: superseded
+    for old in fs.ls(root, detail=False):  # counts of an earlier set of rows files: superseded
         if old.rstrip("/").rsplit("/", 1)[-1] != key:
             fs.rm(old, recursive=True)
     return key
