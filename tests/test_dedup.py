@@ -10,6 +10,7 @@ one worker or two, and after a dedup killed halfway is resumed.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -419,7 +420,7 @@ def test_many_partitions_and_one_worker_give_the_same_bytes_and_a_killed_dedup_r
     (directory / "verify_b" / "00001.out.parts").write_bytes(b"torn")
     for path in (directory / "drops").iterdir():
         path.unlink()
-    (out / "_manifest.jsonl").unlink()
+    shutil.rmtree(out / "_manifest")
     resumed = run_filter(corpus["docs_dir"], out, config, workers=2, ray_address=ray_address)
     assert resumed["failed"] == 0 and not resumed["dedup_cached"]
     redone = {t["phase"] for t in resumed["dedup_tasks"] if not t.get("skipped")}

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from ray_procs import (
     snapshot,
 )
 from shards_corpus import image_handler, photo_jpegs, rewrite_image_urls
+
+from m3w.schemas.images import decode_index
 
 WARCS = ("postlight_parser.warc.gz", "cleaneval_dev.warc.gz")
 STAGES = ("extract", "filter", "images", "shards")
@@ -159,21 +162,34 @@ def _settings(corpus: Path, warcs: list[str], image_url: str) -> list[str]:
 def _outputs(root: Path) -> dict[str, bytes]:
     """Every file's bytes, less what depends on wall-clock time: the manifests' entry times and config hashes and
     shards.json's config hash (the filter and shards stages fingerprint their input files by mtime), the build's
-    stage durations, when each image was fetched; and no caches. The data files are compared byte for byte."""
+    stage durations and the store's commit times, when each image was fetched; and no caches. The image store's
+    blob shards hold a unit's images in the order its fetch threads finished, so they are compared as their
+    members (name → bytes) and its rows without the offsets into them. The data files are compared byte for
+    byte, the shards included."""
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "_cache" not in p.parts):
         if path.name in (".lock", "build_summary.json"):
             continue
         data = path.read_bytes()
-        if path.name == "_manifest.jsonl":
-            entries = [_without(json.loads(line), "time", "config_hash") for line in data.splitlines()]
-            data = json.dumps(sorted(entries, key=lambda e: (e["stage"], e["unit"])), sort_keys=True).encode()
+        if "_manifest" in path.parts and path.suffix == ".json":
+            data = json.dumps(_without(json.loads(data), "time", "config_hash"), sort_keys=True).encode()
+        elif path.name == "_store.json":
+            state = json.loads(data)
+            state["history"] = [_without(h, "time") for h in state["history"]]
+            data = json.dumps(state, sort_keys=True).encode()
         elif path.name == "shards.json":
             data = json.dumps(_without(json.loads(data), "config_hash"), sort_keys=True).encode()
-        elif path.parent.name == "index" and path.suffix == ".parquet":
-            data = json.dumps(
-                pq.read_table(path).drop_columns(["fetched_at"]).to_pylist(), default=str
-            ).encode()
+        elif "rows" in path.parts and path.suffix == ".parquet":
+            rows = pq.read_table(path).drop_columns(["fetched_at", "blob_offset"]).to_pylist()
+            data = json.dumps(rows, default=str).encode()
+        elif "blobs" in path.parts and path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                data = json.dumps({m.name: tar.extractfile(m).read().hex() for m in tar.getmembers()},
+                                  sort_keys=True).encode()  # fmt: skip
+        elif "index" in path.parts and path.suffix == ".idx":
+            records = decode_index(data, str(path))
+            data = json.dumps(sorted(map(repr, records[[n for n in records.dtype.names
+                                                         if n not in ("blob_offset", "_pad")]].tolist()))).encode()  # fmt: skip
         files[str(path.relative_to(root))] = data
     return files
 
@@ -210,7 +226,7 @@ def test_pipeline_on_two_nodes_matches_local_run(cluster, image_server, webcorpu
     corpus.rename(tmp_path / "local")
     got = _build(corpus, warcs, image_server, on_cluster)
     assert any(name.startswith("shards/m3w/") and name.endswith(".tar") for name in expected)
-    assert any(name.startswith("images/") and name.endswith(".parquet") for name in expected)
+    assert any(name.startswith("images/rows/") and name.endswith(".parquet") for name in expected)
     assert sorted(got) == sorted(expected)
     assert not [name for name in expected if got[name] != expected[name]]
 
