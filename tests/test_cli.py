@@ -78,6 +78,9 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
     garbage_tar.write_text("not a tar\n")
     foreign = tmp_path / "foreign.parquet"  # parquet, but not written by m3w (no schema version)
     pq.write_table(pa.table({"url": ["https://example.org/a"]}), foreign)
+    torn = tmp_path / "torn"  # a shard folder whose shards.json was cut short
+    torn.mkdir()
+    (torn / "shards.json").write_text('{"schema": "m3w.sha')
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump({"datasets": {"m3w": {"path": str(empty)}}, "steps": 1}))
     return {
@@ -90,6 +93,7 @@ def inputs(tmp_path, webcorpus) -> dict[str, Path]:
         "garbage": garbage,
         "foreign": foreign,
         "garbage_tar": garbage_tar,
+        "torn": torn,
         "train_yaml": train_yaml,
         "out": tmp_path / "out",
     }
@@ -144,6 +148,12 @@ def test_unknown_keys_in_yaml_and_set(stage, inputs, no_ray):
         (["inspect", "garbage_tar", "--out", "{tmp}/x.html"], "inspect", ["garbage.tar: not a readable tar shard"]),
         (["images", "foreign", "--store", "out"], "images", ["foreign.parquet: not a documents file"]),
         (["model", "info", "--preset", "nosuch"], "model", ["unknown preset 'nosuch'", "tiny"]),
+        (["inspect", "torn", "--out", "{tmp}/x.html"], "inspect", ["torn/shards.json: not a shard manifest"]),
+        (["train", "train_yaml", "--set", "datasets.m3w.path={tmp}/torn"], "train",
+         ["torn/shards.json: not a shard manifest"]),
+        (["shards", "video", "garbage", "--out", "out"], "shards", ["garbage.parquet, line 1: not JSON"]),
+        (["shards", "video", "foreign", "--out", "out"], "shards", ["foreign.parquet: not a CSV or JSON-lines"]),
+        (["shards", "video", "obelics", "--out", "out"], "shards", ["obelics.jsonl: row 0 needs a video"]),
         (["tokenizer", "train", "garbage_tar", "--out", "out"], "tokenizer", ["garbage.tar: not a WARC"]),
         (["tokenizer", "train", "empty", "--out", "out"], "tokenizer", ["no WARC files", "empty"]),
         (["extract", "warc", "--out", "warc"], "extract", ["exists and is not a directory"]),

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from m3w.errors import FormatError
+
 SCHEMA_VERSION = "m3w.shards/1"
 SHARD_MANIFEST = "shards.json"  # per shard folder
 # seq_len (L), max_media (N) and num_frames (T) bound every sample of a set (the trainer checks them against
@@ -95,13 +97,14 @@ def read_shard_manifest(folder: str) -> dict[str, Any]:
         manifest = io.read_json(url)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no shard manifest at {url}: run `m3w shards` first") from exc
-    if manifest.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{url}: schema {manifest.get('schema')!r}, expected {SCHEMA_VERSION!r}")
+    except ValueError as exc:  # not JSON (a torn write, another file of that name), or not UTF-8
+        raise FormatError(f"{url}: not a shard manifest ({exc})") from exc
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema != SCHEMA_VERSION:
+        raise FormatError(f"{url}: schema {schema!r}, expected {SCHEMA_VERSION!r}")
     missing = [k for k in SAMPLE_LIMITS if not isinstance(manifest.get(k), int)]
     if missing:
-        from m3w.errors import UserError
-
-        raise UserError(f"{url} does not say its {', '.join(missing)}: re-run `m3w shards` to rewrite it")
+        raise FormatError(f"{url} does not say its {', '.join(missing)}: re-run `m3w shards` to rewrite it")
     return manifest
 
 

@@ -93,7 +93,7 @@ def read_shard_set(path: str) -> ShardSet:
     manifest = spec.read_shard_manifest(path)
     shards = [s for s in manifest["shards"] if s.get("samples", 0) > 0]
     if not shards:
-        raise ValueError(f"{join_url(path, spec.SHARD_MANIFEST)}: lists no non-empty shards")
+        raise UserError(f"{join_url(path, spec.SHARD_MANIFEST)}: lists no shard with samples")
     return ShardSet(
         dataset=manifest.get("dataset", ""),
         urls=spec.shard_urls(path, manifest),

@@ -90,12 +90,9 @@ def pairs_cmd(inputs, store, config, workers, ray_address, out) -> None:
 @_shards_options
 def video_cmd(table, allow_hosts, config, workers, ray_address, out) -> None:
     """A CSV/JSONL table of (video URL or path, caption) → video-text pair shards in OUT/video_pairs/."""
-    from m3w.errors import UserError
     from m3w.pipeline.shards.video import run_video_shards
 
-    try:
-        result = run_video_shards(table, out, config, allow_hosts=allow_hosts, workers=workers,
-                                  ray_address=ray_address)  # fmt: skip
-    except ValueError as exc:  # a malformed table: say which row, no traceback
-        raise UserError(str(exc)) from exc
+    result = run_video_shards(
+        table, out, config, allow_hosts=allow_hosts, workers=workers, ray_address=ray_address
+    )
     _report(result)

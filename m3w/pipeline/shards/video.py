@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from m3w.errors import FormatError
 from m3w.pipeline import io
 from m3w.pipeline.io import stable_hash
 from m3w.pipeline.shards.config import ShardsConfig
@@ -20,19 +21,34 @@ from m3w.pipeline.windows import decode, sanitize, special_strings
 
 def read_video_table(path: str | Path) -> list[dict]:
     """Rows of (video, caption) from a CSV or JSONL table (local or URL); `video` is a URL or a local path
-    (relative paths are relative to a local table). Column aliases: video_url/url/path, text/caption."""
+    (relative paths are relative to a local table). Column aliases: video_url/url/path, text/caption. A table
+    that is neither is a FormatError naming the line or row."""
     path = str(path)
-    text = io.read_text(path)
+    try:
+        text = io.read_text(path)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not a CSV or JSON-lines table (not UTF-8 text)") from exc
     if path.endswith(".csv"):
         raw = list(csv.DictReader(text_io.StringIO(text, newline="")))
     else:
-        raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+        raw = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw.append(json.loads(line))
+            except ValueError as exc:
+                raise FormatError(
+                    f"{path}, line {number}: not JSON ({exc}); a table is .csv or JSON lines"
+                ) from exc
     rows = []
     for i, row in enumerate(raw):
+        if not isinstance(row, dict):
+            raise FormatError(f"{path}: row {i} is not a JSON object")
         video = next((row[k] for k in ("video", "video_url", "url", "path") if row.get(k)), None)
         caption = next((row[k] for k in ("caption", "text") if row.get(k)), None)
         if video is None or caption is None:
-            raise ValueError(f"{path}: row {i} needs a video (video/video_url/url/path) and a caption/text")
+            raise FormatError(f"{path}: row {i} needs a video (video/video_url/url/path) and a caption/text")
         if "://" not in video and not Path(video).is_absolute() and not io.is_remote(path):
             video = str((Path(path).parent / video).resolve())
         rows.append({"row": i, "video": video, "caption": caption})
