@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from m3w.pipeline.image_filters.duplicates import ROWS_PER_REDUCE  # noqa: E402
+from m3w.pipeline.image_filters.duplicates import ROWS_PER_TASK  # noqa: E402
 from m3w.pipeline.images import ImagesConfig  # noqa: E402
 from m3w.pipeline.imagestore import BlobShardWriter, ImageStore, index_generation, write_rows  # noqa: E402
 from m3w.schemas import images as spec  # noqa: E402
@@ -164,14 +164,14 @@ def projection(images: float = 353e6, ok_share: float = 0.7) -> str:
     urls = images / ok_share
     units = -(-int(urls) // ImagesConfig().urls_per_unit)
     buckets = spec.DEFAULT_BUCKETS
-    ranges = -(-int(images) // ROWS_PER_REDUCE)  # pHash count files (one per key range)
-    # Per fetch unit: blob shard, rows file, pHash map file; then index files, count files, _store/_lease/filters.
-    files = 3 * units + buckets + ranges + 3
+    partitions = -(-int(urls) // ROWS_PER_TASK)  # pHash count files (one per partition of the rows' pHashes)
+    # Per fetch unit: blob shard and rows file; then index files, pHash count files, _store/_image_filters/_done.
+    files = 2 * units + buckets + partitions + 3
     records = urls / buckets
     fence = spec.index_fence_size(int(records))
     block = spec.FENCE_STRIDE * spec.INDEX_RECORD.itemsize
     return (f"{images / 1e6:.0f} M images ({ok_share:.0%} of {urls / 1e6:.0f} M URLs): {units:,} blob shards + {units:,} "
-            f"rows files + {units:,} pHash map files + {buckets} index files + {ranges} pHash count files = "
+            f"rows files + {buckets} index files + {partitions} pHash count files = "
             f"{files:,} files ({files / (images / 1e6):.0f} per M images); "
             f"per index file {records / 1e6:.2f} M records = {records * spec.INDEX_RECORD.itemsize / 1e6:.0f} MB, fence "
             f"{fence / 1e3:.0f} KB; a shards task reads {buckets * fence / 1e6:.1f} MB of fences once per process and "
