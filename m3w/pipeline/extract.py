@@ -153,7 +153,7 @@ def extract_unit(args: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, 
         with SkipLogWriter(skips_tmp) as skips, DocumentWriter(tmp, config.rows_per_group) as writer:
 
             def log(skip: Skip) -> None:
-                skips.add({"warc_path": warc_path, **asdict(skip)})
+                skips.write({"warc_path": warc_path, **asdict(skip)})
 
             for row in iter_warc_documents(warc_path, config, counts, log):
                 writer.write(row)

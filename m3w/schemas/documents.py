@@ -146,34 +146,35 @@ def iter_image_urls(path_or_dir: str | Path) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------- writing
 
 
-class DocumentWriter:
-    """Documents (dicts of DOCUMENT_SCHEMA) into one parquet file, a row group per `rows_per_group` documents so
-    memory stays flat. Atomicity is the caller's: write to a temp path, rename it when the writer is closed."""
+class RowGroupWriter:
+    """Rows (dicts of `schema`) into one parquet file, a row group per `rows_per_group` rows so memory stays flat
+    whatever the file's size. Atomicity is the caller's: write to a temp path, rename it when the writer is closed."""
 
-    def __init__(self, path: str | Path, rows_per_group: int = 256) -> None:
+    def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int) -> None:
         import pyarrow.parquet as pq
 
+        self.schema = schema
         self.rows_per_group = rows_per_group
         self.rows: list[dict[str, Any]] = []
         self.written = 0
-        self._writer = pq.ParquetWriter(path, DOCUMENT_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
 
-    def write(self, document: dict[str, Any]) -> None:
-        self.rows.append(document)
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
         if len(self.rows) >= self.rows_per_group:
             self._flush()
 
     def _flush(self) -> None:
-        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=DOCUMENT_SCHEMA))
+        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
         self.written += len(self.rows)
         self.rows = []
 
     def close(self) -> None:
-        if self.rows or not self.written:  # a file with no document still carries the schema and its version
+        if self.rows or not self.written:  # a file with no row still carries the schema and its version
             self._flush()
         self._writer.close()
 
-    def __enter__(self) -> DocumentWriter:
+    def __enter__(self) -> RowGroupWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -181,6 +182,13 @@ class DocumentWriter:
             self.close()
         else:  # the temp file is abandoned: close it without writing what is buffered
             self._writer.close()
+
+
+class DocumentWriter(RowGroupWriter):
+    """Documents (dicts of DOCUMENT_SCHEMA) into one parquet file."""
+
+    def __init__(self, path: str | Path, rows_per_group: int = 256) -> None:
+        super().__init__(path, DOCUMENT_SCHEMA, rows_per_group)
 
 
 def write_documents(documents: Iterable[dict[str, Any]], path: str | Path) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from m3w.schemas.documents import METADATA_KEY, check_version
+from m3w.schemas.documents import METADATA_KEY, RowGroupWriter, check_version
 
 SCHEMA_VERSION = "m3w.skips/1"
 DIRNAME = "_skips"
@@ -47,33 +46,13 @@ def skip_log_path(out_dir: str | Path, unit: str) -> str:
     return io.join(out_dir, DIRNAME, f"{unit}.parquet")
 
 
-class SkipLogWriter:
+class SkipLogWriter(RowGroupWriter):
     """Rows (dicts with SKIP_SCHEMA's fields) streamed into one parquet file, a row group at a time, so a WARC of
-    a million skipped records costs no more memory than one of ten."""
+    a million skipped records costs no more memory than one of ten. An empty log is still written: the file says
+    "nothing was skipped"."""
 
     def __init__(self, path: str | Path, rows_per_group: int = 10_000) -> None:
-        self._writer = pq.ParquetWriter(path, SKIP_SCHEMA, compression="zstd")
-        self._rows: list[dict[str, Any]] = []
-        self._rows_per_group = rows_per_group
-
-    def add(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self._rows_per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=SKIP_SCHEMA))
-        self._rows = []
-
-    def close(self) -> None:
-        self._flush()  # an empty log still gets its (empty) row group: the file says "nothing was skipped"
-        self._writer.close()
-
-    def __enter__(self) -> SkipLogWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path, SKIP_SCHEMA, rows_per_group)
 
 
 def skip_log_files(out_dir: str | Path, units: Iterable[str] | None = None) -> list[str]:
