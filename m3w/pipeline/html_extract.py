@@ -311,6 +311,14 @@ _IMAGE_FILE = re.compile(r"\.(jpe?g|png|webp|gif|avif)$", re.I)
 _SIZED_FILE = re.compile(r"[-_](\d{2,4})x(\d{2,4})\.\w+$")  # WordPress & co: photo-150x150.jpg
 THUMBNAIL_SIDE = 300  # below this an image linked to a larger version of itself is that version's thumbnail
 _LINE_BREAK = "\u2028"
+# What the walk does with an element by its tag: skip it with its subtree, or handle it as media or a line break.
+# Tags not listed are containers walked into. Non-element nodes other than text (comments, the doctype) are skipped.
+_SKIP, _CONTAINER, _SPECIAL = 0, 1, 2
+_WALK_ACTION = {
+    **dict.fromkeys(SKIP_TAGS, _SKIP),
+    **dict.fromkeys(("-comment", "-doctype", "-document"), _SKIP),
+    **dict.fromkeys(("img", "video", "noscript", "br"), _SPECIAL),
+}
 
 
 def _tokens(value: str) -> set[str]:
@@ -399,6 +407,27 @@ def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[b
     return boiler and tag not in ("body", "html"), tag == "header" or role == "banner", hint
 
 
+def _flush_text(
+    blocks: list[_Block], pieces: list[str], kind: str, owner: int, level: int, dom: int, link_chars: int
+) -> None:
+    """The pending text pieces of a block element → one text block (none if it is only whitespace); clears them."""
+    raw = "".join(pieces)
+    pieces.clear()  # in place: the walk holds this list
+    if kind == "code":
+        text = raw.replace(_LINE_BREAK, "\n").strip("\n")
+    elif _LINE_BREAK in raw:
+        lines = (" ".join(line.split()) for line in raw.split(_LINE_BREAK))
+        text = "\n".join(line for line in lines if line)
+    else:
+        text = " ".join(raw.split())
+    if text and not text.isspace():
+        blocks.append(
+            _Block(
+                "text", owner, dom, text=text, block=kind, link_chars=min(link_chars, len(text)), level=level
+            )
+        )
+
+
 class _Walker:
     """Pre-order walk of <body> into blocks. Text accumulates until a block boundary flushes it."""
 
@@ -406,13 +435,8 @@ class _Walker:
         self.base_url = base_url
         self.options = options
         self.page = _Page()
-        self.dom_index = 0
-        self.pieces: list[str] = []
-        self.link_chars = 0
-        self.block_owner = -1
-        self.block_kind = "paragraph"
-        self.block_level = 0
-        self.block_dom = 0
+        self.dom_index = 0  # of the element being walked, for the media blocks it adds
+        self.pieces: list[str] = []  # the pending text of the innermost block element
         self.total_chars = 0
         # The last image's block, and the ids of its <img>, parent and grandparent (to pair a <noscript> with it).
         self._last_image: tuple[_Block, set[int]] | None = None
@@ -469,28 +493,6 @@ class _Walker:
             return True
         style = attrs.get("style")
         return bool(style and _HIDDEN_STYLE.search(style))
-
-    # -- text blocks
-    def _flush(self) -> None:
-        if not self.pieces:
-            return
-        raw = "".join(self.pieces)
-        self.pieces.clear()  # in place: the walk holds this list in a local
-        if self.block_kind == "code":
-            text = raw.replace(_LINE_BREAK, "\n").strip("\n")
-        elif _LINE_BREAK in raw:
-            lines = (" ".join(line.split()) for line in raw.split(_LINE_BREAK))
-            text = "\n".join(line for line in lines if line)
-        else:
-            text = " ".join(raw.split())
-        if text and not text.isspace():
-            self.page.blocks.append(
-                _Block(
-                    "text", self.block_owner, self.block_dom, text=text, block=self.block_kind,
-                    link_chars=min(self.link_chars, len(text)), level=self.block_level,
-                )
-            )  # fmt: skip
-        self.link_chars = 0
 
     # -- media
     def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
@@ -689,25 +691,28 @@ class _Walker:
         page.tag.append(root.tag or "body")
         page.parent.append(-1)
         page.content_hint.append(0)
-        root_idx = 0
-        # frame: (node, element index, is block element, is link, saved block state)
-        stack: list[tuple[LexborNode, int, bool, bool, tuple]] = [
-            (root, root_idx, True, False, (root_idx, "paragraph", 0, 0))
+        # The state of the innermost block element: its element index, kind, heading level, the DOM index of its
+        # pending text, and the link characters in that text. Locals, not attributes, as is everything else here:
+        # this loop runs once per DOM node and dominates extraction time.
+        owner, kind, level, dom, link_chars = 0, "paragraph", 0, 0, 0
+        dom_index = in_link = 0
+        # frame: (node, element index, is link, block state to restore at its end or None for inline elements)
+        stack: list[tuple[LexborNode, int, bool, tuple[int, str, int, int] | None]] = [
+            (root, 0, False, (0, "paragraph", 0, 0))
         ]
-        self.block_owner, self.block_kind = root_idx, "paragraph"
-        in_link = 0
-        # Locals, not attribute lookups: this loop runs once per DOM node and dominates extraction time.
-        pieces, tags, parents, hints = self.pieces, page.tag, page.parent, page.content_hint
-        flush, is_furniture = self._flush, self._is_furniture
+        pieces, blocks = self.pieces, page.blocks
+        tags, parents, hints = page.tag, page.parent, page.content_hint
+        is_furniture, hidden = self._is_furniture, self._hidden
         main_content = self.options.main_content
         node = root.first_child
         while True:
             if node is None:
-                frame_node, idx, is_block, is_link, saved = stack.pop()
-                if is_block:
+                frame_node, idx, is_link, saved = stack.pop()
+                if saved is not None:
                     if pieces:
-                        flush()
-                    self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
+                        _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
+                        link_chars = 0
+                    owner, kind, level, dom = saved
                 if is_link:
                     in_link -= 1
                 if not stack:
@@ -722,37 +727,36 @@ class _Walker:
                 else:
                     text = node.text_content
                     if not pieces:
-                        self.block_dom = self.dom_index
+                        dom = dom_index
                     pieces.append(text)
                     if in_link:
-                        self.link_chars += len(text.strip())
+                        link_chars += len(text.strip())
                 node = node.next
                 continue
-            if not tag or tag in SKIP_TAGS or tag[0] in "-!#_":  # comments, doctype, processing instructions
+            action = _WALK_ACTION.get(tag, _CONTAINER) if tag else _SKIP
+            if action == _SKIP:  # comments, doctype, processing instructions, SKIP_TAGS
                 node = node.next
                 continue
-            self.dom_index += 1
+            dom_index += 1
             attrs = node.attributes
-            if (
-                attrs
-                and ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs)
-                and self._hidden(attrs)
-            ):
+            if attrs and ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs) and hidden(attrs):
                 node = node.next
                 continue
-            if tag == "br":
-                pieces.append(_LINE_BREAK)
-                node = node.next
-                continue
-            if tag in ("img", "video", "noscript"):
+            if action != _CONTAINER:
+                if tag == "br":
+                    pieces.append(_LINE_BREAK)
+                    node = node.next
+                    continue
                 if pieces:
-                    flush()
-                owner = stack[-1][1] if stack else root_idx
+                    _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
+                    link_chars = 0
+                self.dom_index = dom_index
+                media_owner = stack[-1][1]
                 if tag == "img":
-                    self._image(node, attrs, owner, in_link > 0)
+                    self._image(node, attrs, media_owner, in_link > 0)
                 elif tag == "video":
-                    self._video(node, attrs, owner)
-                elif self._noscript(node, owner, in_link > 0):
+                    self._video(node, attrs, media_owner)
+                elif self._noscript(node, media_owner, in_link > 0):
                     tag = "div"  # walked as a plain container
                 if tag != "div":
                     node = node.next
@@ -781,28 +785,29 @@ class _Walker:
                 tags.append(tag)
                 parents.append(stack[-1][1])
                 hints.append(hint)
-            saved: tuple = ()
+            saved = None
             if block is not None:
                 if pieces:
-                    flush()
-                saved = (self.block_owner, self.block_kind, self.block_level, self.block_dom)
+                    _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
+                    link_chars = 0
+                saved = (owner, kind, level, dom)
                 # Containers (div, ul, table...) keep an enclosing specific kind (a div inside an li is a list item).
-                if block != "paragraph" or tag == "p" or self.block_kind == "paragraph":
-                    self.block_kind = block
-                self.block_owner = idx
-                self.block_level = int(tag[1]) if block == "heading" else self.block_level
-            is_link = tag == "a"
-            in_link += is_link
+                if block != "paragraph" or tag == "p" or kind == "paragraph":
+                    kind = block
+                owner = idx
+                if block == "heading":
+                    level = int(tag[1])
             if len(stack) >= max_depth:
                 raise PageSkip("nesting", f"DOM deeper than {max_depth}")
             child = node.first_child
             if child is None:
-                if block is not None:
-                    self.block_owner, self.block_kind, self.block_level, self.block_dom = saved
-                in_link -= is_link
+                if saved is not None:
+                    owner, kind, level, dom = saved
                 node = node.next
                 continue
-            stack.append((node, idx, block is not None, is_link, saved))
+            is_link = tag == "a"
+            in_link += is_link
+            stack.append((node, idx, is_link, saved))
             node = child
         return self.page
 
