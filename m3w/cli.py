@@ -40,7 +40,10 @@ COMMANDS = {
         "m3w.pipeline.images:images_cmd",
         "Fetch, validate and resize images into the content-addressed store.",
     ),
-    "store": ("m3w.pipeline.imagestore:store_group", "Image store upkeep: `m3w store info|migrate STORE`."),
+    "store": (
+        "m3w.pipeline.imagestore:store_group",
+        "Image store upkeep: `m3w store info|compact|migrate STORE`.",
+    ),
     "tokenizer": ("m3w.pipeline.tokenizer_cli:tokenizer_group", "Train the default tokenizer."),
     "shards": (
         "m3w.pipeline.shards:shards_group",

@@ -18,6 +18,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -504,3 +505,53 @@ def test_an_old_store_is_refused_then_migrated(webcorpus: Path, tmp_path: Path, 
     # The migrated store serves the stage: every URL is final, nothing is fetched again.
     again = run_images([listing], store_dir, small_config(), ray_address=ray_address)
     assert (again.urls, again.already_final, again.fetched) == (len(urls), len(urls), 0)
+
+
+def test_a_layout_2_store_is_refused_then_migrated(tmp_path: Path) -> None:
+    """Layout 2 (index records without a blob shard of their own, images where their unit stored them)."""
+    store = ImageStore(tmp_path)
+    store.create(ImagesConfig().store_settings(), buckets=4)
+    shard = spec.shard_id(1, 0)
+    blobs = BlobShardWriter(store, shard)
+    rows = [{"url": f"http://a/{i}.jpg", "status": "ok", "attempts": 1} for i in range(3)]
+    for i, row in enumerate(rows):
+        row["resized_sha256"], row["blob_offset"], row["blob_length"] = blobs.add(b"jpeg %d" % (i % 2))
+    blobs.close()
+    write_rows(
+        store, shard, [*rows, {"url": "http://a/gone.jpg", "status": "http_error", "http_status": 404}]
+    )
+    index_generation(store, 1, [shard])
+    # ... written back as layout 2 wrote it: 72-byte records, magic M3WIDX04, schema m3w.images/2.
+    state = json.loads((tmp_path / spec.STORE_FILE).read_text())
+    for bucket, generation in enumerate(state["index_generations"]):
+        if generation >= 0:
+            path = tmp_path / spec.index_relpath(bucket, generation)
+            records = spec.decode_index(path.read_bytes(), str(path))
+            old = np.zeros(len(records), spec.UNMOVABLE_INDEX_RECORD)
+            for name in old.dtype.names:
+                old[name] = records[name]
+            head = spec.encode_index(records)[len(spec.INDEX_MAGIC) : -records.nbytes]  # counts and fence
+            path.write_bytes(spec.UNMOVABLE_INDEX_MAGIC + head + old.tobytes())
+    (tmp_path / spec.STORE_FILE).write_text(json.dumps({**state, "schema": spec.UNMOVABLE_SCHEMA_VERSION}))
+
+    cli = [sys.executable, "-m", "m3w"]
+    refused = subprocess.run([*cli, "store", "info", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert (
+        refused.returncode == 2
+        and "m3w store migrate" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )
+    migrated = subprocess.run(
+        [*cli, "store", "migrate", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert migrated.returncode == 0 and "migrated 4 URLs, 3 images" in migrated.stdout, migrated.stderr[
+        -2000:
+    ]
+    store = ImageStore(tmp_path)
+    assert (
+        store.generation == 2 and store.state().history[-1]["migrated_from"] == spec.UNMOVABLE_SCHEMA_VERSION
+    )
+    found = store.lookup([r["url"] for r in rows] + ["http://a/gone.jpg"])
+    assert [store.read_blob(BlobRef.of(found[r["url"]])) for r in rows] == [b"jpeg 0", b"jpeg 1", b"jpeg 0"]
+    assert found["http://a/gone.jpg"]["http_status"] == 404
+    assert not list(tmp_path.glob("index/*/g000001.idx"))

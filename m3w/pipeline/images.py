@@ -599,8 +599,8 @@ def _commit_generation(
                                tuple(state.index_generations[first:stop]), generation)  # fmt: skip
             units.append(Unit(f"compact-{first:05d}-{stop:05d}", args))
     result = run_units(compact_group, units, None, desc="images: index", **run)
-    new = spec.StoreState(state.buckets, state.settings, generation, list(state.index_generations),
-                          list(state.index_rows), list(state.history))  # fmt: skip
+    new = replace(state, generation=generation, index_generations=list(state.index_generations),
+                  index_rows=list(state.index_rows), history=list(state.history))  # fmt: skip
     if result.failed:
         return state, result.failures
     superseded = []
@@ -626,8 +626,11 @@ def rows_files(store: ImageStore) -> list[str]:
     return files
 
 
-def _recover(store: ImageStore, state: spec.StoreState, run: dict[str, Any]) -> spec.StoreState:
-    """Commit what a killed run had finished: its rows files exist, its generation was never committed."""
+def recover_interrupted_run(
+    store: ImageStore, state: spec.StoreState, run: dict[str, Any]
+) -> spec.StoreState:
+    """Commit what a killed run had finished: its rows files exist, its generation was never committed. Every
+    writer of a new generation calls it first (that generation's folders may hold the killed run's files)."""
     generation = state.generation + 1
     prefix = spec.rows_relpath(spec.shard_id(generation, 0)).rsplit("/", 1)[0]
     names = [n for n in io.list_dir(store.url(prefix)) if n.endswith(".parquet")]
@@ -681,7 +684,7 @@ def run_images(
         except NoStoreError:
             state = store.create(config.store_settings(), config.buckets)
         _check_store_settings(store, state, config)
-        state = _recover(store, state, run)
+        state = recover_interrupted_run(store, state, run)
         generation = state.generation + 1
         scratch = store.url(spec.run_relpath(generation))
         url_lists = [io.join(scratch, "urls", f"u{i:06d}.parquet") for i in range(len(files))]

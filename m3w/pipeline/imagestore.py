@@ -24,16 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from m3w.cli import ray_options
 from m3w.errors import UserError
 from m3w.pipeline import io
 from m3w.pipeline.tario import TAR_FORMAT, add_member
 from m3w.schemas import images as spec
+from m3w.schemas.images import LegacyStoreError
 
 LOOKUP_BATCH = 4096  # URLs resolved per round of block reads: bounds a lookup's memory (~50 MB of blocks)
-
-
-class LegacyStoreError(UserError, ValueError):
-    """A store in layout version 1: it must be converted (`m3w store migrate`) before use."""
 
 
 class NoStoreError(UserError, FileNotFoundError):
@@ -197,20 +195,30 @@ class ImageStore:
         for url, rec in self.locate(urls).items():
             row = spec.record_row(rec)
             if spec.is_usable(row) and (filters is None or filters.verdict(row) is None):
-                out[url] = BlobRef(int(rec["shard"]), int(rec["blob_offset"]), int(rec["blob_length"]))
+                out[url] = BlobRef(int(rec["blob_shard"]), int(rec["blob_offset"]), int(rec["blob_length"]))
         return out
 
     def lookup(self, urls: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """url → its full row (IMAGE_ROW_SCHEMA, as a dict) for each of `urls` the store has seen."""
-        by_shard: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        """url → its full row (IMAGE_ROW_SCHEMA, as a dict) for each of `urls` the store has seen, with where
+        its image lies now."""
+        by_shard: dict[int, list[tuple[str, np.void]]] = defaultdict(list)
         for url, rec in self.locate(urls).items():
-            by_shard[int(rec["shard"])].append((url, int(rec["row"])))
+            by_shard[int(rec["shard"])].append((url, rec))
         out = {}
         for shard, wanted in sorted(by_shard.items()):
-            table = io.read_parquet(self.url(spec.rows_relpath(shard)))
-            rows = table.take(pa.array([r for _, r in wanted], pa.int64())).to_pylist()
+            rows = self._rows(shard, [rec for _, rec in wanted])
             out.update({url: row for (url, _), row in zip(wanted, rows)})
         return out
+
+    def _rows(self, shard: int, records: list[np.void]) -> list[dict[str, Any]]:
+        """The rows of some index records of one rows file, their blob columns taken from the records (the
+        rows file says where the unit stored the image; the index, where it lies now)."""
+        table = io.read_parquet(self.url(spec.rows_relpath(shard)))
+        rows = table.take(pa.array([int(rec["row"]) for rec in records], pa.int64())).to_pylist()
+        for row, rec in zip(rows, records):
+            if row["blob_length"]:
+                row["blob_shard"], row["blob_offset"] = int(rec["blob_shard"]), int(rec["blob_offset"])
+        return rows
 
     # -- whole-store reads (maintenance, tests, export) ------------------------------------------------------
 
@@ -227,12 +235,11 @@ class ImageStore:
         state = self.state()
         for bucket in range(state.buckets):
             records = self.bucket_records(bucket, state)
-            by_shard: dict[int, list[int]] = defaultdict(list)
-            for rec in records:
-                by_shard[int(rec["shard"])].append(int(rec["row"]))
-            for shard, rows in sorted(by_shard.items()):
-                table = io.read_parquet(self.url(spec.rows_relpath(shard)))
-                yield from table.take(pa.array(sorted(rows), pa.int64())).to_pylist()
+            by_shard: dict[int, list[np.void]] = defaultdict(list)
+            for rec in records[np.lexsort((records["row"], records["shard"]))]:
+                by_shard[int(rec["shard"])].append(rec)
+            for shard, wanted in sorted(by_shard.items()):
+                yield from self._rows(shard, wanted)
 
     def count(self) -> int:
         """URLs in the store (one per URL, whatever its attempts)."""
@@ -467,9 +474,41 @@ def migrate_legacy(
     return dict(counts)
 
 
+def migrate_unmovable(root: str) -> dict[str, int]:
+    """Convert a layout-2 store (`schemas.images.UNMOVABLE_SCHEMA_VERSION`): its index files rewritten with each
+    record's blob shard, committed as a new generation; then the old index files are removed."""
+    from m3w.pipeline.lease import Lease
+
+    store = ImageStore(root)
+    with Lease(store.root):
+        data = io.read_json(store.url(spec.STORE_FILE))
+        if data.get("schema") != spec.UNMOVABLE_SCHEMA_VERSION:
+            raise NoStoreError(f"{store.root} is not an image store of {spec.UNMOVABLE_SCHEMA_VERSION}")
+        state = spec.StoreState.from_json({**data, "schema": spec.SCHEMA_VERSION}, store.url(spec.STORE_FILE))
+        generation, superseded, images = state.generation + 1, [], 0
+        for bucket, old_generation in enumerate(state.index_generations):
+            if old_generation < 0:
+                continue
+            url = store.url(spec.index_relpath(bucket, old_generation))
+            old = spec.decode_index(
+                io.read_bytes(url), url, spec.UNMOVABLE_INDEX_RECORD, spec.UNMOVABLE_INDEX_MAGIC
+            )
+            io.write_bytes(store.url(spec.index_relpath(bucket, generation)),
+                           spec.encode_index(spec.movable_records(old)))  # fmt: skip
+            state.index_generations[bucket] = generation
+            superseded.append(url)
+            images += int((old["blob_length"] > 0).sum())
+        state.generation = generation
+        state.history.append({"generation": generation, "migrated_from": spec.UNMOVABLE_SCHEMA_VERSION})
+        store.commit(state)
+        for url in superseded:
+            io.remove(url)
+    return {"urls": sum(state.index_rows), "images": images}
+
+
 @click.group("store")
 def store_group() -> None:
-    """Look after an image store: `info`, `migrate` (from the old layout)."""
+    """Look after an image store: `info`, `compact` (each image stored once), `migrate` (from an old layout)."""
 
 
 @store_group.command("info")
@@ -491,10 +530,31 @@ def info_cmd(store: str) -> None:
 @click.argument("store")
 @click.option("--buckets", type=int, default=spec.DEFAULT_BUCKETS, show_default=True, help="Index buckets.")
 def migrate_cmd(store: str, buckets: int) -> None:
-    """Convert the image store STORE from the old layout (one file per image) to blob shards and buckets."""
+    """Convert the image store STORE from an earlier layout: one file per image (to blob shards and --buckets
+    buckets), or index records without a blob shard of their own."""
     try:
-        counts = migrate_legacy(store, buckets)
+        store_file = ImageStore(store).url(spec.STORE_FILE)
+        if io.exists(store_file) and io.read_json(store_file).get("schema") == spec.UNMOVABLE_SCHEMA_VERSION:
+            counts = migrate_unmovable(store)
+        else:
+            counts = migrate_legacy(store, buckets)
     except (NoStoreError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"migrated {counts.get('urls', 0)} URLs, {counts.get('images', 0)} images "
                f"({counts.get('missing_blob', 0)} blobs missing) → {ImageStore(store).root}")  # fmt: skip
+
+
+@store_group.command("compact")
+@click.argument("store")
+@ray_options
+def compact_cmd(store: str, workers: int | None, ray_address: str | None) -> None:
+    """Store each image of STORE once: the images in the fetch units' blob shards move, one copy per sha256,
+    into compaction shards (identical bytes that several units fetched are kept once), as a new generation."""
+    from m3w.pipeline.compaction import compact_store
+
+    counts = compact_store(store, workers=workers, ray_address=ray_address)
+    mb = 1 << 20
+    click.echo(f"{ImageStore(store).root}: {counts.get('copied_images', 0)} images moved into compaction shards, "
+               f"{counts.get('duplicate_copies', 0)} duplicate copies dropped "
+               f"({counts.get('duplicate_bytes', 0) / mb:.1f} MB); blob shards {counts['bytes_before'] / mb:.1f} MB"
+               f" → {counts['bytes_after'] / mb:.1f} MB, {counts['bytes_saved'] / mb:.1f} MB saved")  # fmt: skip

@@ -11,12 +11,18 @@ Layout of a store folder (local or object storage; `pipeline.imagestore` reads a
     blobs/g000007/u000003.tar         that unit's resized JPEGs: a plain tar, one member `<sha256>.jpg` per
                                       distinct image (identical bytes stored once per shard); rows point at the
                                       member's bytes by (blob_shard, blob_offset, blob_length)
+    blobs/g000009/u000000.tar         after `m3w store compact` (generation 9 is in `compactions`): every image
+                                      once per store, members in sha256 order; the fetch units' tars of earlier
+                                      generations are gone, and the index records point here
     index/h=00042/g000007.idx         bucket 42's index after generation 7: one fixed-width record per URL
                                       (INDEX_RECORD), sorted by url hash, "most attempts wins" applied; a fence
                                       of every FENCE_STRIDE-th hash at its head for point lookups
     _manifest/images/g000007.json     one manifest entry per run (schemas.manifest)
     _lease.json                       held while a run writes (schemas.manifest)
     _runs/g000008/                    scratch of a run in progress (URL lists by bucket, pending URLs)
+
+The index record holds where a URL's image lies now; a rows file's blob columns say where its unit stored it
+first (compaction moves images, rows files are never rewritten).
 
 A URL's bucket is fixed by its hash: the top bits of a 64-bit hash split the hash space into H equal ranges,
 so bucket files are contiguous slices of one global hash order. A URL is identified by 128 bits of hash
@@ -39,13 +45,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "m3w.images/2"
+from m3w.errors import UserError
+
+SCHEMA_VERSION = "m3w.images/3"
 LEGACY_SCHEMA_VERSION = "m3w.images/1"
+UNMOVABLE_SCHEMA_VERSION = "m3w.images/2"  # layout 2, converted by `m3w store migrate` (end of this file)
+
+
+class LegacyStoreError(UserError, ValueError):
+    """A store in an earlier layout: it must be converted (`m3w store migrate`) before use."""
+
 
 STORE_FILE = "_store.json"
 RUNS_DIR = "_runs"
 DEFAULT_BUCKETS = (
-    128  # fixed when a store is created: 504 M URLs (353 M images) → 3.9 M per bucket, 284 MB files
+    128  # fixed when a store is created: 504 M URLs (353 M images) → 3.9 M per bucket, 315 MB files
 )
 FENCE_STRIDE = 256  # one fence hash per 256 index records: a point lookup reads one 12 KB block
 
@@ -100,7 +114,8 @@ IMAGE_ROW_SCHEMA = pa.schema(
     metadata={b"m3w.schema_version": SCHEMA_VERSION.encode()},
 )
 
-# One index record per URL (little-endian, 72 bytes). `row` is the URL's row in the rows file of `shard`. The
+# One index record per URL (little-endian, 80 bytes). `row` is the URL's row in the rows file of `shard`; its
+# image lies at `blob_offset` of blob shard `blob_shard` (the unit's own shard until compaction moves it). The
 # image filter scores the thresholds apply to are here too (NaN, or has_phash 0: no score), so a reader decides
 # "usable" from the index alone, the pHash duplicate rule included.
 INDEX_RECORD = np.dtype(
@@ -108,6 +123,7 @@ INDEX_RECORD = np.dtype(
         ("url_hash", "<i8"),
         ("url_hash2", "<i8"),
         ("shard", "<i8"),
+        ("blob_shard", "<i8"),  # -1: no image
         ("blob_offset", "<i8"),
         ("blob_length", "<i4"),
         ("row", "<i4"),
@@ -125,7 +141,7 @@ INDEX_RECORD = np.dtype(
     ]
 )
 RECORD_SCORES = ("nsfw_score", "clip_similarity", "blur", "text_share")
-INDEX_MAGIC = b"M3WIDX04"
+INDEX_MAGIC = b"M3WIDX05"
 _INDEX_HEAD = struct.Struct("<8sqqq")  # magic, records, fence stride, fence length
 INDEX_HEAD_SIZE = _INDEX_HEAD.size
 
@@ -218,6 +234,37 @@ def run_relpath(generation: int) -> str:
     return f"{RUNS_DIR}/g{generation:06d}"
 
 
+def blob_generation_relpath(generation: int) -> str:
+    """The folder of a generation's blob shards."""
+    return blob_relpath(shard_id(generation, 0)).rsplit("/", 1)[0]
+
+
+# The shuffle files of `m3w store compact` (partitioned files, `schemas.filter_cache.write_parts`), under the
+# compaction's run folder, removed once it is committed. Index records with an image, with its image's sha256
+# (from the rows files): "images" (every such record, partitioned by sha256 for the decision) and "copies" (the
+# records of images to copy, partitioned by sha256 into the new blob shards):
+COMPACT_IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field("sha256", pa.binary(32), nullable=False),  # of the stored image
+        pa.field("blob_shard", pa.int64(), nullable=False),  # where it lies now
+        pa.field("blob_offset", pa.int64(), nullable=False),
+        pa.field("blob_length", pa.int64(), nullable=False),
+        pa.field("bucket", pa.int32(), nullable=False),  # the record: bucket and position in its index file
+        pa.field("position", pa.int64(), nullable=False),
+    ]
+)
+# "moves": a record's image's new place, partitioned by bucket group:
+COMPACT_MOVE_SCHEMA = pa.schema([COMPACT_IMAGE_SCHEMA.field(n) for n in
+                                 ("bucket", "position", "blob_shard", "blob_offset", "blob_length")])  # fmt: skip
+COMPACT_SCRATCH = ("images", "copies", "moves")
+
+
+def compact_scratch_relpath(generation: int, kind: str, task: str) -> str:
+    if kind not in COMPACT_SCRATCH:
+        raise ValueError(f"compaction scratch {kind!r} not in {COMPACT_SCRATCH}")
+    return f"{run_relpath(generation)}/{kind}/{task}.parts"
+
+
 # ---------------------------------------------------------------------------------------------- the state
 
 
@@ -231,6 +278,7 @@ class StoreState:
     index_generations: list[int] | None = None  # per bucket: generation of its .idx file (-1: none yet)
     index_rows: list[int] | None = None  # per bucket: records in that file
     history: list[dict[str, Any]] | None = None  # one line per committed generation (what it added)
+    compactions: list[int] | None = None  # generations of `m3w store compact`: they moved images, added none
 
     def __post_init__(self) -> None:
         if self.index_generations is None:
@@ -239,6 +287,15 @@ class StoreState:
             self.index_rows = [0] * self.buckets
         if self.history is None:
             self.history = []
+        if self.compactions is None:
+            self.compactions = []
+
+    @property
+    def content_generation(self) -> int:
+        """The last generation that changed what the store holds (a compaction only moves images): what
+        outputs built from the store depend on."""
+        moved = set(self.compactions)
+        return max((g for g in range(self.generation + 1) if g not in moved), default=0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -249,10 +306,16 @@ class StoreState:
             "index_generations": self.index_generations,
             "index_rows": self.index_rows,
             "history": self.history,
+            "compactions": self.compactions,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> StoreState:
+        if data.get("schema") == UNMOVABLE_SCHEMA_VERSION:
+            raise LegacyStoreError(
+                f"{where}: an image store of {UNMOVABLE_SCHEMA_VERSION}, whose index cannot point at moved images: "
+                f"convert it with `m3w store migrate {where.rsplit('/', 1)[0]}`"
+            )
         if data.get("schema") != SCHEMA_VERSION:
             raise ValueError(
                 f"{where}: image store schema {data.get('schema')!r}, expected {SCHEMA_VERSION!r}"
@@ -264,6 +327,7 @@ class StoreState:
             index_generations=[int(g) for g in data["index_generations"]],
             index_rows=[int(n) for n in data["index_rows"]],
             history=list(data.get("history") or []),
+            compactions=[int(g) for g in data.get("compactions") or []],
         )
 
     def dumps(self) -> bytes:
@@ -286,27 +350,29 @@ def index_fence_size(records: int, stride: int = FENCE_STRIDE) -> int:
     return INDEX_HEAD_SIZE + 8 * -(-records // stride)
 
 
-def decode_index_head(data: bytes, where: str) -> tuple[int, int, np.ndarray]:
+def decode_index_head(data: bytes, where: str, magic: bytes = INDEX_MAGIC) -> tuple[int, int, np.ndarray]:
     """(records, stride, fence) from the first index_fence_size(records) bytes of an index file."""
-    magic, records, stride, fence_len = _INDEX_HEAD.unpack_from(data)
-    if magic != INDEX_MAGIC:
-        raise ValueError(f"{where}: not an m3w image index file (magic {magic!r})")
+    found, records, stride, fence_len = _INDEX_HEAD.unpack_from(data)
+    if found != magic:
+        raise ValueError(f"{where}: not an m3w image index file of this layout (magic {found!r})")
     end = INDEX_HEAD_SIZE + 8 * fence_len
     if len(data) < end:
         raise ValueError(f"{where}: truncated index head ({len(data)} of {end} bytes)")
     return records, stride, np.frombuffer(data[INDEX_HEAD_SIZE:end], dtype="<i8")
 
 
-def decode_index(data: bytes, where: str) -> np.ndarray:
-    """Every record of a whole index file."""
-    records, _, fence = decode_index_head(data, where)
+def decode_index(
+    data: bytes, where: str, record: np.dtype = INDEX_RECORD, magic: bytes = INDEX_MAGIC
+) -> np.ndarray:
+    """Every record of a whole index file (of an earlier layout with its `record` and `magic`)."""
+    records, _, fence = decode_index_head(data, where, magic)
     start = INDEX_HEAD_SIZE + 8 * len(fence)
-    body = data[start : start + records * INDEX_RECORD.itemsize]
-    if len(body) != records * INDEX_RECORD.itemsize:
+    body = data[start : start + records * record.itemsize]
+    if len(body) != records * record.itemsize:
         raise ValueError(
             f"{where}: truncated index ({len(body)} bytes of records, expected {records} records)"
         )
-    return np.frombuffer(body, dtype=INDEX_RECORD)
+    return np.frombuffer(body, dtype=record)
 
 
 def records_offset(fence_len: int) -> int:
@@ -327,6 +393,7 @@ def rows_to_records(table: pa.Table, shard: int) -> np.ndarray:
     rec["url_hash2"] = table.column("url_hash2").to_numpy()
     rec["shard"] = shard
     has_blob = table.column("blob_shard").is_valid().to_numpy(zero_copy_only=False)
+    rec["blob_shard"] = np.where(has_blob, table.column("blob_shard").fill_null(-1).to_numpy(), -1)
     rec["blob_offset"] = np.where(has_blob, table.column("blob_offset").fill_null(-1).to_numpy(), -1)
     rec["blob_length"] = np.where(has_blob, table.column("blob_length").fill_null(0).to_numpy(), 0)
     rec["row"] = np.arange(n, dtype=np.int32)
@@ -368,7 +435,7 @@ def record_status(record: np.void) -> str:
 def record_row(record: np.void) -> dict[str, Any]:
     """What `is_usable` and the image filter thresholds read, from an index record."""
     row = {"status": record_status(record), "blob_length": int(record["blob_length"])}
-    row["blob_shard"] = int(record["shard"]) if row["blob_length"] > 0 else None
+    row["blob_shard"] = int(record["blob_shard"]) if row["blob_length"] > 0 else None
     for score in RECORD_SCORES:
         value = float(record[score])
         row[score] = None if np.isnan(value) else value
@@ -417,3 +484,19 @@ LEGACY_SETTINGS_FILE = "_store_config.json"
 
 def legacy_blob_relpath(resized_sha256: str) -> str:
     return f"blobs/{resized_sha256[:2]}/{resized_sha256}.jpg"
+
+
+# Layout version 2 (m3w.images/2), read only by `m3w store migrate`: index records without `blob_shard` (a URL's
+# image lay in the blob shard of its rows file's unit), magic M3WIDX04.
+UNMOVABLE_INDEX_RECORD = np.dtype([(name, INDEX_RECORD.fields[name][0]) for name in INDEX_RECORD.names
+                                   if name != "blob_shard"])  # fmt: skip
+UNMOVABLE_INDEX_MAGIC = b"M3WIDX04"
+
+
+def movable_records(old: np.ndarray) -> np.ndarray:
+    """Layout-2 index records as records of this layout: each image where its unit stored it."""
+    records = empty_records(len(old))
+    for name in UNMOVABLE_INDEX_RECORD.names:
+        records[name] = old[name]
+    records["blob_shard"] = np.where(old["blob_length"] > 0, old["shard"], -1)
+    return records

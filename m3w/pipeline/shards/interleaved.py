@@ -76,8 +76,9 @@ def m3w_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
 
 
 def store_generation(store: str | Path) -> int:
-    """The store's committed generation: shards are rebuilt when it changes (new images arrived)."""
-    return ImageStore(str(store)).generation
+    """The store's last generation that changed its content: shards are rebuilt when new images arrived, not
+    when a compaction moved them."""
+    return ImageStore(str(store)).state().content_generation
 
 
 UNIT_SETTINGS = {"m3w": "windows", "pairs": "pairs", "video": "video"}
