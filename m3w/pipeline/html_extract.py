@@ -326,8 +326,9 @@ def _tokens(value: str) -> set[str]:
 
 
 def _text_size(node: LexborNode) -> int:
-    """Characters of text under a node, each text node stripped (indentation does not count). All in C."""
-    return len(node.text(deep=True, strip=True))
+    """Characters of text under a node, each text node stripped (indentation does not count). All in C;
+    whitespace-only nodes, which strip to nothing, are not even decoded."""
+    return len(node.text(deep=True, strip=True, skip_empty=True))
 
 
 def _int_size(value: str | None) -> int | None:
@@ -421,11 +422,7 @@ def _flush_text(
     else:
         text = " ".join(raw.split())
     if text and not text.isspace():
-        blocks.append(
-            _Block(
-                "text", owner, dom, text=text, block=kind, link_chars=min(link_chars, len(text)), level=level
-            )
-        )
+        blocks.append(_Block("text", owner, dom, text, kind, min(link_chars, len(text)), level))
 
 
 class _Walker:
@@ -857,20 +854,24 @@ def _select_main(
         else:
             balance[e] -= b.link_chars + 0.5 * (length - b.link_chars)
     for e in range(n - 1, 0, -1):
-        p = parent[e]
-        text_len[p] += text_len[e]
-        link_len[p] += link_len[e]
-        balance[p] += balance[e]
-        if has_h1[e]:
-            has_h1[p] = True
+        if text_len[e]:  # an element without text adds nothing to any sum
+            p = parent[e]
+            text_len[p] += text_len[e]
+            link_len[p] += link_len[e]
+            balance[p] += balance[e]
+            if has_h1[e]:
+                has_h1[p] = True
 
     def density(e: int) -> float:
         return link_len[e] / text_len[e] if text_len[e] else 0.0
 
-    for e in range(n):
-        if balance[e] > 0 and page.content_hint[e] == 2:
+    hints = page.content_hint
+    for e in [e for e, hint in enumerate(hints) if hint == 2]:
+        if balance[e] > 0:
             balance[e] *= 1.5  # <article>, <main>, itemprop=articleBody: the page says where its content is
-    top = max(range(n), key=lambda e: (balance[e], page.content_hint[e]))
+    # The best balance, ties going to the stronger content hint, then to the first element.
+    best = max(balance)
+    top = max((e for e, value in enumerate(balance) if value == best), key=hints.__getitem__)
     listing = balance[top] < FALLBACK_PROSE * text_len[0]
     if listing:
         # Little or no prose anywhere (a listing, a gallery, a results table): everything that is not furniture,
@@ -878,10 +879,8 @@ def _select_main(
         top = 0
     selected = _widen_to_headline(page, top, text_len, has_h1)
 
-    inside = [False] * n
-    for e in range(n):
-        inside[e] = e == selected or (e > 0 and inside[parent[e]])
-    keep = [inside[b.owner] for b in page.blocks]
+    end = _subtree_end(parent, selected)
+    keep = [selected <= b.owner < end for b in page.blocks]
     for i, b in enumerate(page.blocks):
         if not keep[i]:
             continue
@@ -1001,10 +1000,10 @@ def _trim_edges(page: _Page, keep: list[bool]) -> None:
         mass[parent[blocks[i].owner]] += len(blocks[i].text)
     body = mass.most_common(1)[0][0]
 
+    body_end = _subtree_end(parent, body)
+
     def in_body(e: int) -> bool:
-        while e >= 0 and e != body:
-            e = parent[e]
-        return e == body
+        return body <= e < body_end
 
     first, last = prose[0], prose[-1]
     last_in_body = max(i for i in prose if in_body(blocks[i].owner))
@@ -1187,6 +1186,15 @@ def _drop_orphan_headings(blocks: list[_Block], keep: list[bool]) -> None:
             has_content_after = keep[i]  # a kept subheading is content for the heading above it
         elif keep[i]:
             has_content_after = True
+
+
+def _subtree_end(parent: list[int], e: int) -> int:
+    """One past the last element under `e` (-1: the whole page). Elements are numbered in pre-order, so an
+    element's subtree is the run of numbers from its own up to the first element whose parent comes before it."""
+    end = e + 1
+    while end < len(parent) and parent[end] >= e:
+        end += 1
+    return end
 
 
 def _widen_to_headline(page: _Page, top: int, text_len: list[int], has_h1: list[bool]) -> int:
