@@ -78,9 +78,11 @@ def parse_yaml(text: str, source: str = "<text>") -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML config file as a mapping (an empty file is an empty mapping)."""
+    """A YAML config file (a local path or a URL) as a mapping (an empty file is an empty mapping)."""
+    from m3w.pipeline import io
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = io.read_text(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
     data = parse_yaml(text, str(path))

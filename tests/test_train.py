@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import toydata
 import yaml
 
 from m3w.config import load_config, to_dict
+from m3w.errors import UserError
 from m3w.model import Flamingo, build_preset
 from m3w.pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 from m3w.trainer.config import DatasetConfig, OptimConfig, TrainConfig
@@ -271,7 +273,7 @@ def test_exact_resume_after_sigkill(tiny_dir, data, tmp_path):
     assert final_a["step"] == final_b["step"] == 20
     for name, tensor in final_a["trainable"].items():
         torch.testing.assert_close(final_b["trainable"][name], tensor, rtol=1e-6, atol=1e-7)
-    assert [p.name for p in list_checkpoints(straight)] == [
+    assert [Path(p).name for p in list_checkpoints(straight)] == [
         "step-00000015.pt",
         "step-00000020.pt",
     ]  # rotation
@@ -320,3 +322,54 @@ def test_ddp_and_fsdp_two_gloo_processes_match_one_process_with_double_batch(tin
         for name, tensor in wa["trainable"].items():
             torch.testing.assert_close(wb["trainable"][name], tensor, rtol=1e-3, atol=1e-5)
         assert (output / "final" / "trainable.safetensors").exists()
+
+
+def test_checkpoints_on_s3_resume_like_a_local_run(tiny_dir, data, s3_bucket, tmp_path):
+    """output_dir and the training shards on s3:// (an S3 API server on 127.0.0.1): checkpoints, metrics and the
+    final model go there, and a run killed after a checkpoint resumes from it exactly as a local run goes on."""
+    from m3w.pipeline import io
+    from m3w.trainer.config import tensorboard_run_dir
+
+    remote = f"{s3_bucket}/{uuid.uuid4().hex}"
+    for path in sorted((data / "m3w").iterdir()):
+        io.write_bytes(io.join(remote, "m3w", path.name), path.read_bytes())
+    dsets = {"m3w": {"path": io.join(remote, "m3w"), "weight": 1.0, "batch_size": 3, "num_workers": 1}}
+    extra = {"steps": 12, "checkpoint_every": 4, "keep_checkpoints": 2, "tensorboard": False}
+    straight = tmp_path / "straight"
+    proc = run_train(write_config(tmp_path / "a.yaml", tiny_dir, straight, dsets, **extra))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+    output = io.join(remote, "run")
+    config = write_config(tmp_path / "b.yaml", tiny_dir, output, dsets, **extra)
+    proc = run_train(config)
+    for line in proc.stdout:  # killed right after the step-4 checkpoint is stored
+        if "step-00000004.pt" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert [Path(p).name for p in list_checkpoints(output)] == ["step-00000004.pt"]
+    proc = run_train(config, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from {output}/checkpoints/step-00000004.pt (step 4)" in out
+
+    local = metrics(straight)
+    there = [json.loads(line) for line in io.read_text(io.join(output, "metrics.jsonl")).splitlines()]
+    assert [r["step"] for r in there] == [r["step"] for r in local] == list(range(1, 13))
+    for a, b in zip(local, there):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+    assert [Path(p).name for p in list_checkpoints(output)] == ["step-00000008.pt", "step-00000012.pt"]
+    final_a, final_b = (
+        load_checkpoint(list_checkpoints(straight)[-1]),
+        load_checkpoint(list_checkpoints(output)[-1]),
+    )
+    for name, tensor in final_a["trainable"].items():
+        torch.testing.assert_close(final_b["trainable"][name], tensor, rtol=1e-6, atol=1e-7)
+    assert sorted(io.list_dir(io.join(output, "final"))) == sorted(
+        p.name for p in (straight / "final").iterdir()
+    )
+    assert not list(Path(ROOT).glob("s3:*"))  # nothing landed in a local folder named after the URL
+    with pytest.raises(UserError, match="tensorboard_dir"):
+        tensorboard_run_dir(TrainConfig(output_dir=output))

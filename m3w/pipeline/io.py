@@ -205,6 +205,24 @@ def remove_tree(url: str | Path) -> None:
         fs.rm(path, recursive=True)
 
 
+@contextlib.contextmanager
+def local_folder(final: str | Path) -> Iterator[Path]:
+    """Yield a local folder to fill: `final` itself when local, else a temp folder uploaded to `final` (a URL)
+    file by file when the block succeeds (for writers that only take a folder, like `save_pretrained`)."""
+    if not is_remote(final):
+        os.makedirs(local_path(final), exist_ok=True)
+        yield Path(local_path(final))
+        return
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+        yield Path(tmp)
+        if commit_check is not None:
+            commit_check()
+        fs, path = url_to_fs(final)
+        for file in sorted(Path(tmp).rglob("*")):
+            if file.is_file():
+                fs.put_file(str(file), f"{path}/{file.relative_to(tmp).as_posix()}")
+
+
 def open_input(url: str | Path, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """An open file for reading (local path or any fsspec URL)."""
     if not is_remote(url):

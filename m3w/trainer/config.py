@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from m3w.config import check_fields
+from m3w.errors import UserError
 from m3w.model.config import FlamingoConfig, Precision
 
 
@@ -106,5 +107,13 @@ class TrainConfig:
 def tensorboard_run_dir(cfg: TrainConfig) -> Path:
     """Where this run's TensorBoard events go: a folder named after the run, so runs sharing one --logdir show
     as separate runs (and `m3w eval --tensorboard` can add its scores next to the curves)."""
-    root = Path(cfg.tensorboard_dir) if cfg.tensorboard_dir else Path(cfg.output_dir) / "tensorboard"
-    return root / (cfg.run_name or Path(cfg.output_dir).resolve().name)
+    from m3w.pipeline.io import is_remote, name_of
+
+    root = cfg.tensorboard_dir or (
+        None if is_remote(cfg.output_dir) else str(Path(cfg.output_dir) / "tensorboard")
+    )
+    if root is None or is_remote(root):
+        raise UserError(f"TensorBoard writes to a local folder, not {root or cfg.output_dir}: set tensorboard_dir "
+                        "to one, or tensorboard=false")  # fmt: skip
+    name = name_of(cfg.output_dir) if is_remote(cfg.output_dir) else Path(cfg.output_dir).resolve().name
+    return Path(root) / (cfg.run_name or name)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from m3w.config import to_dict
+from m3w.pipeline import io
 from m3w.pipeline.io import atomic_open
 from m3w.trainer.config import TrainConfig, tensorboard_run_dir
 from m3w.trainer.distributed import DistEnv, is_fsdp, unwrap
@@ -24,10 +27,19 @@ class MetricsLogger:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, start_step: int) -> None:
         self.enabled = env.is_main
-        self.path = Path(cfg.output_dir) / METRICS_FILE
+        self.path = io.join(cfg.output_dir, METRICS_FILE)
+        self.local = Path(self.path)
         self.tb = self.wandb = None
         if not self.enabled:
             return
+        if io.is_remote(self.path):
+            # An object store cannot append: the log grows in a local file, stored whole by `sync` at each
+            # checkpoint (a resume runs the steps after its checkpoint again, and logs them again).
+            fd, local = tempfile.mkstemp(prefix="m3w-metrics-", suffix=".jsonl")
+            os.close(fd)
+            self.local = Path(local)
+            if io.exists(self.path):
+                self.local.write_bytes(io.read_bytes(self.path))
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,7 +55,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.local, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         flat = dict(_flatten(record))
         step = record["step"]
@@ -54,7 +66,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
 
+    def sync(self) -> None:
+        """Store a remote log's lines so far (a local log is always up to date)."""
+        if self.enabled and io.is_remote(self.path):
+            io.write_bytes(self.path, self.local.read_bytes())
+
     def close(self) -> None:
+        self.sync()
+        if self.enabled and io.is_remote(self.path):
+            self.local.unlink(missing_ok=True)
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -69,12 +89,12 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield f"{prefix}{key}", value
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: str, step: int) -> None:
     """Drop log lines of steps after the checkpoint a run resumes from, so none is duplicated."""
-    if not path.exists():
+    if not io.exists(path):
         return
     kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        line for line in io.read_text(path).splitlines() if line.strip() and json.loads(line)["step"] <= step
     ]
     with atomic_open(path, "w") as f:
         f.write("".join(line + "\n" for line in kept))

@@ -1,6 +1,6 @@
 """Checkpoint state and resume: everything needed to continue a run exactly, written atomically and rotated.
 
-`<output_dir>/checkpoints/step-00001000.pt` holds
+`<output_dir>/checkpoints/step-00001000.pt` (output_dir: a local folder or any fsspec URL, e.g. s3://) holds
     trainable   {name: tensor}   only the trainable parameters (the frozen LM and vision tower come from
                                  their own checkpoints, named in the model config)
     optimizer, scheduler         state dicts
@@ -11,6 +11,8 @@
     config                       the TrainConfig of the run, as a dict
 Everything is plain tensors, numbers, strings, lists and dicts, so loading works with `weights_only=True`.
 `<output_dir>/model_config.yaml` is the run's resolved FlamingoConfig: a resume rebuilds exactly that model.
+A checkpoint is built in a local temp file and stored whole (a rename, or one upload that an object store
+publishes whole), so the newest one listed is always complete: the listing is the "latest" pointer.
 
 A resume takes the newest checkpoint and first checks that it continues the same run: the config may differ from
 the saved one only in what does not change the computation (RESUMABLE_CHANGES), and the number of processes
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import io as bytes_io
 import random
 import re
 import sys
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 from m3w.config import from_dict, load_config, to_dict
 from m3w.errors import UserError
+from m3w.pipeline import io
 from m3w.pipeline.io import atomic_open, atomic_path
 from m3w.trainer.config import TrainConfig
 from m3w.trainer.data import DatasetStream
@@ -63,36 +67,35 @@ RESUMABLE_CHANGES = (
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+def checkpoint_path(output_dir: str | Path, step: int) -> str:
+    return io.join(output_dir, CHECKPOINT_DIR, f"step-{step:08d}.pt")
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
+def list_checkpoints(output_dir: str | Path) -> list[str]:
     """Finished checkpoints, oldest first (temp files of a killed writer are never listed)."""
-    directory = Path(output_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    directory = io.join(output_dir, CHECKPOINT_DIR)
+    found = [(int(m.group(1)), name) for name in io.list_dir(directory) if (m := _NAME.match(name))]
+    return [io.join(directory, name) for _, name in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def latest_checkpoint(output_dir: str | Path) -> str | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
-def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> str:
     """Write `state` as the checkpoint of `step` (atomically), then delete all but the newest `keep`."""
     path = checkpoint_path(output_dir, step)
     with atomic_path(path) as tmp:
         torch.save({"step": step, **state}, tmp)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+        io.remove(old)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    source = bytes_io.BytesIO(io.read_bytes(path)) if io.is_remote(path) else path
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -144,7 +147,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def resume_state(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any] | None:
     """The checkpoint to continue from (None: a fresh run), checked against this run's config and processes."""
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir
     path = latest_checkpoint(out)
     if not resume:
         if path is not None:
@@ -153,7 +156,10 @@ def resume_state(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]
             )
         return None
     if path is None:
-        print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0", file=sys.stderr)
+        print(
+            f"--resume: no checkpoint in {io.join(out, CHECKPOINT_DIR)}; starting from step 0",
+            file=sys.stderr,
+        )
         return None
     state = load_checkpoint(path)
     changed = config_changes(state["config"], to_dict(cfg))
@@ -181,11 +187,17 @@ def resolve_model_config(cfg: TrainConfig, env: DistEnv, fresh: bool):
     (a preset writes random-init frozen parts; rebuilding them would change the frozen weights)."""
     from m3w.model import FlamingoConfig, build_preset
 
-    saved = Path(cfg.output_dir) / MODEL_CONFIG_FILE
-    if (fresh or not saved.exists()) and env.is_main:
+    saved = io.join(cfg.output_dir, MODEL_CONFIG_FILE)
+    if (fresh or not io.exists(saved)) and env.is_main:
         section = cfg.model
         if section.preset:
-            workdir = str(Path(cfg.output_dir) / "preset")
+            if io.is_remote(cfg.output_dir):
+                raise UserError(
+                    f"model.preset builds its frozen parts in <output_dir>/preset, which must be on a local disk, "
+                    f"not {cfg.output_dir}: use a local output_dir, or model.pretrained or model.config naming "
+                    "frozen parts already built"
+                )
+            workdir = io.join(cfg.output_dir, "preset")
             fcfg = build_preset(section.preset, workdir, tokenizer=section.tokenizer, family=section.family)
         else:
             fcfg = FlamingoConfig(tokenizer=section.tokenizer)
@@ -282,12 +294,14 @@ def save_state(
         dist.barrier()
 
 
-def save_final(model: nn.Module, directory: Path, env: DistEnv) -> None:
-    """`Flamingo.save_pretrained` of the trained model (for `m3w eval`); under FSDP, from gathered weights."""
+def save_final(model: nn.Module, directory: str, env: DistEnv) -> None:
+    """`Flamingo.save_pretrained` of the trained model (for `m3w eval`) into `directory` (a folder or a URL);
+    under FSDP, from gathered weights."""
     inner = unwrap(model)
     if not is_fsdp(inner):
         if env.is_main:
-            inner.save_pretrained(str(directory))
+            with io.local_folder(directory) as folder:
+                inner.save_pretrained(str(folder))
         return
     from m3w.model import Flamingo
 
@@ -295,4 +309,5 @@ def save_final(model: nn.Module, directory: Path, env: DistEnv) -> None:
     if env.is_main:
         plain = Flamingo.from_config(inner.config)
         plain.load_state_dict(weights, strict=False)
-        plain.save_pretrained(str(directory))
+        with io.local_folder(directory) as folder:
+            plain.save_pretrained(str(folder))

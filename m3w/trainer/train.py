@@ -22,7 +22,6 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,10 +33,11 @@ from tqdm import tqdm
 
 from m3w.config import to_dict
 from m3w.model.loss import IGNORE_INDEX
+from m3w.pipeline import io
 from m3w.pipeline.io import atomic_open
 from m3w.pipeline.tokenizer import tokenizer_fingerprint
 from m3w.trainer import state as st
-from m3w.trainer.config import TrainConfig
+from m3w.trainer.config import TrainConfig, tensorboard_run_dir
 from m3w.trainer.data import build_streams, check_shard_sets
 from m3w.trainer.distributed import DistEnv, init_distributed, no_sync, wrap_model
 from m3w.trainer.metrics import (
@@ -136,12 +136,16 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the last logged metrics record."""
     env = init_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.output_dir  # a local folder or any fsspec URL (s3://...)
+    io.makedirs(out)
     state = st.resume_state(cfg, env, resume)  # checked against this config before anything is built
     check_shard_sets(cfg.datasets)  # a shard set that does not fit the config fails before the model is built
+    if cfg.tensorboard:
+        tensorboard_run_dir(
+            cfg
+        )  # a folder TensorBoard cannot write to fails now, not after the model is built
     if env.is_main:
-        with atomic_open(out / "train_config.yaml", "w") as f:
+        with atomic_open(io.join(out, "train_config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
     seed_everything(cfg.seed)
@@ -170,9 +174,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         st.set_rng_state(state["rng"][env.rank])
         start = state["step"]
         if env.is_main:
-            truncate_metrics(out / METRICS_FILE, start)
-    elif env.is_main and (out / METRICS_FILE).exists():
-        (out / METRICS_FILE).unlink()  # a fresh run in a used directory starts a fresh log
+            truncate_metrics(io.join(out, METRICS_FILE), start)
+    elif env.is_main and io.exists(io.join(out, METRICS_FILE)):
+        io.remove(io.join(out, METRICS_FILE))  # a fresh run in a used directory starts a fresh log
 
     logger = MetricsLogger(cfg, env, start)
     names = list(cfg.datasets)
@@ -215,10 +219,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 tqdm.write(format_record(record), file=sys.stdout)
             window = {"time": 0.0, "wait": 0.0, "tokens": Counter(), "samples": Counter()}
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            logger.sync()  # first: the log never lacks a step its checkpoint holds (a resume drops later lines)
             st.save_state(model, optimizer, scheduler, streams, counters, cfg, env, done)
     bar.close()
     logger.close()
-    st.save_final(model, out / "final", env)
+    st.save_final(model, io.join(out, "final"), env)
     if env.distributed:
         dist.barrier()
     return record
