@@ -197,14 +197,14 @@ def test_naming_games_bind_fresh_names_and_the_eval_names_are_held_out(web):
     for i, page in enumerate(games):
         names = game_names(page)
         assert len(names) == 5 and 2 <= len(set(names)) <= 3  # every picture named, a name used again
-        assert len(set(re.findall(r"/img/names/[\w-]+\.png", page))) == 5
+        assert len(set(re.findall(r"/img/names/[\w-]+\.jpg", page))) == 5
         for name in set(names):
             assert seen.setdefault(name, i) == i, f"{name} names pictures on two pages"
     questions = json.loads(next((out / summary["eval"] / "binding").glob("*all_questions.json")).read_text())
     eval_names = {q[f"caption_{i}"].split()[-1] for q in questions for i in range(1, 9)}
     assert len(questions) == 100 and len(eval_names) == 200 and not eval_names & set(seen)
-    web_pictures = {p.read_bytes() for p in (out / "site" / "img" / "names").glob("*.png")}
-    eval_pictures = {p.read_bytes() for p in (out / summary["eval"] / "binding" / "images").glob("*.png")}
+    web_pictures = {p.read_bytes() for p in (out / "site" / "img" / "names").glob("*.jpg")}
+    eval_pictures = {p.read_bytes() for p in (out / summary["eval"] / "binding" / "images").glob("*.jpg")}
     assert len(eval_pictures) == 900 and not web_pictures & eval_pictures
 
 
