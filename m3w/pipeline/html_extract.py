@@ -1223,23 +1223,33 @@ class ExtractedPage:
 
 
 def _head_info(tree: LexborHTMLParser, page_url: str) -> tuple[str, str | None, str | None, str | None]:
+    """(base URL, title, lang, og:image) of a page. The first <base href> and <title> and the <meta> tags come from
+    one pass of lexbor's selector engine (in document order), not one pass each."""
+    base_node = title_node = None
+    metas = []
+    for node in tree.css("base[href], title, meta[property], meta[name]"):
+        tag = node.tag
+        if tag == "meta":
+            metas.append(node)
+        elif tag == "title":
+            title_node = node if title_node is None else title_node
+        elif base_node is None:
+            base_node = node
     base = page_url
-    base_node = tree.css_first("base[href]")
     if base_node is not None:
         resolved = resolve_url(page_url, base_node.attributes.get("href"))
         base = resolved or base
-    title_node = tree.css_first("title")
     title = _clean(title_node.text()) if title_node is not None else None
     og_image = None
-    for meta in tree.css("meta[property], meta[name]"):
+    for meta in metas:
         attrs = meta.attributes
         key = (attrs.get("property") or attrs.get("name") or "").lower()
         if key in ("og:image", "og:image:url", "og:image:secure_url", "twitter:image", "twitter:image:src"):
             og_image = resolve_url(base, attrs.get("content") or attrs.get("value")) or og_image
             if og_image and key.startswith("og:"):
                 break
-    html = tree.css_first("html")
-    lang = _clean(html.attributes.get("lang")) if html is not None else None
+    html = tree.root  # the document element: the parser makes every <html> tag's attributes its own
+    lang = _clean(html.attributes.get("lang")) if html is not None and html.tag == "html" else None
     return base, title, lang, og_image
 
 
