@@ -75,14 +75,13 @@ def build_inputs(warc: str, root: Path) -> tuple[Path, Path, int]:
             out = io.BytesIO()
             resize(Image.open(path).convert("RGB"), 320, "center_crop").save(out, format="JPEG", quality=90)
             stored.append(blobs.add(out.getvalue()))
-    blobs.close()
+    offsets = blobs.close()
     urls = sorted({n["url"] for d in docs for n in d["nodes"] if n["kind"] == "image" and n["url"]})
     rows = []
     for i, url in enumerate(urls):
-        sha, offset, length = stored[i % len(stored)]
-        rows.append({"url": url, "status": "ok", "attempts": 1, "resized_sha256": sha, "blob_offset": offset,
-                     "blob_length": length})  # fmt: skip
-    write_rows(store, shard, rows)
+        sha, length = stored[i % len(stored)]
+        rows.append({"url": url, "status": "ok", "attempts": 1, "resized_sha256": sha, "blob_length": length})
+    write_rows(store, shard, rows, offsets)
     index_generation(store, 1, [shard])
     return filtered, root / "images", len(docs)
 

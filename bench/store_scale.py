@@ -68,10 +68,8 @@ def grow(store: ImageStore, start: int, stop: int, generation: int) -> None:
             row = {"url": url_of(i), "attempts": 1, "fetched_at": "2026-01-01T00:00:00+00:00"}
             kind = i % 10
             if kind < 7:
-                sha, offset, length = blobs.add(
-                    b"\xff\xd8\xff\xe0" + i.to_bytes(8, "little") * 7 + b"\xff\xd9"
-                )
-                row.update(status="ok", http_status=200, resized_sha256=sha, blob_offset=offset, blob_length=length,
+                sha, length = blobs.add(b"\xff\xd8\xff\xe0" + i.to_bytes(8, "little") * 7 + b"\xff\xd9")
+                row.update(status="ok", http_status=200, resized_sha256=sha, blob_length=length,
                            original_width=640, original_height=480, original_format="jpeg", resized_width=320,
                            resized_height=320)  # fmt: skip
             elif kind == 7:
@@ -81,8 +79,7 @@ def grow(store: ImageStore, start: int, stop: int, generation: int) -> None:
             else:
                 row.update(status="timeout", attempts=3, error_message="read timed out")
             rows.append(row)
-        blobs.close()
-        write_rows(store, shard, rows)
+        write_rows(store, shard, rows, blobs.close())
         shards.append(shard)
     index_generation(store, generation, shards)
 

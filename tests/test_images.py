@@ -132,17 +132,16 @@ def test_store_merges_attempts_and_dedupes_blobs(tmp_path: Path) -> None:
     # Generation 1: one unit; the same bytes twice in its shard are stored once.
     shard = spec.shard_id(1, 0)
     blobs = BlobShardWriter(store, shard)
-    sha, offset, length = blobs.add(b"jpeg bytes")
-    assert blobs.add(b"jpeg bytes") == (sha, offset, length) and blobs.images == 1
-    blobs.close()
+    sha, length = blobs.add(b"jpeg bytes")
+    assert blobs.add(b"jpeg bytes") == (sha, length) and blobs.images == 1
     write_rows(store, shard, [{"url": "http://a/x.jpg", "status": "timeout", "attempts": 1},
                               {"url": "http://a/404.jpg", "status": "http_error", "http_status": 404, "attempts": 1},
                               {"url": "http://a/503.jpg", "status": "http_error", "http_status": 503, "attempts": 1},
                               {"url": "http://a/reset.jpg", "status": "http_error", "attempts": 1},
                               {"url": "http://a/one.jpg", "status": "ok", "attempts": 1, "resized_sha256": sha,
-                               "blob_offset": offset, "blob_length": length},
+                               "blob_length": length},
                               {"url": "http://a/two.jpg", "status": "ok", "attempts": 1, "resized_sha256": sha,
-                               "blob_offset": offset, "blob_length": length}])  # fmt: skip
+                               "blob_length": length}], blobs.close())  # fmt: skip
     with tarfile.open(tmp_path / spec.blob_relpath(shard)) as tar:
         assert tar.getnames() == [f"{sha}.jpg"]
     index_generation(store, 1, [shard])
@@ -155,10 +154,9 @@ def test_store_merges_attempts_and_dedupes_blobs(tmp_path: Path) -> None:
     # Generation 2: the retry of x.jpg lands in a later unit with more attempts; it wins in the index.
     retry = spec.shard_id(2, 0)
     blobs = BlobShardWriter(store, retry)
-    sha2, offset2, length2 = blobs.add(b"other bytes")
-    blobs.close()
+    sha2, length2 = blobs.add(b"other bytes")
     write_rows(store, retry, [{"url": "http://a/x.jpg", "status": "ok", "attempts": 2, "resized_sha256": sha2,
-                               "blob_offset": offset2, "blob_length": length2}])  # fmt: skip
+                               "blob_length": length2}], blobs.close())  # fmt: skip
     index_generation(store, 2, [retry])
     row = store.lookup(["http://a/x.jpg", "http://unknown/"])
     assert list(row) == ["http://a/x.jpg"] and row["http://a/x.jpg"]["status"] == "ok"
@@ -171,6 +169,19 @@ def test_store_merges_attempts_and_dedupes_blobs(tmp_path: Path) -> None:
     write_rows(store, stale, [{"url": "http://a/x.jpg", "status": "timeout", "attempts": 1}])
     index_generation(store, 3, [stale])
     assert store.lookup(["http://a/x.jpg"])["http://a/x.jpg"]["attempts"] == 2
+    # The same images in any order (fetches finish when they finish) make the same shard, byte for byte.
+    images = [b"image %d" % i for i in range(40)]
+    made = []
+    for order, unit in ((images, 0), (images[::-1], 1)):
+        blobs = BlobShardWriter(store, spec.shard_id(4, unit))
+        for data in order:
+            blobs.add(data)
+        offsets = blobs.close()
+        made.append(((tmp_path / spec.blob_relpath(spec.shard_id(4, unit))).read_bytes(), offsets))
+    assert made[0] == made[1]
+    with pytest.raises(ValueError, match="needs its blob shard's offsets"):
+        write_rows(store, spec.shard_id(5, 0), [{"url": "http://a/y.jpg", "status": "ok", "resized_sha256": sha,
+                                                 "blob_length": length}])  # fmt: skip
 
 
 def test_lookup_reads_only_the_blocks_it_needs(tmp_path: Path) -> None:
@@ -515,10 +526,13 @@ def test_a_layout_2_store_is_refused_then_migrated(tmp_path: Path) -> None:
     blobs = BlobShardWriter(store, shard)
     rows = [{"url": f"http://a/{i}.jpg", "status": "ok", "attempts": 1} for i in range(3)]
     for i, row in enumerate(rows):
-        row["resized_sha256"], row["blob_offset"], row["blob_length"] = blobs.add(b"jpeg %d" % (i % 2))
-    blobs.close()
+        row["resized_sha256"], row["blob_length"] = blobs.add(b"jpeg %d" % (i % 2))
+    offsets = blobs.close()
     write_rows(
-        store, shard, [*rows, {"url": "http://a/gone.jpg", "status": "http_error", "http_status": 404}]
+        store,
+        shard,
+        [*rows, {"url": "http://a/gone.jpg", "status": "http_error", "http_status": 404}],
+        offsets,
     )
     index_generation(store, 1, [shard])
     # ... written back as layout 2 wrote it: 72-byte records, magic M3WIDX04, schema m3w.images/2.

@@ -11,6 +11,7 @@ from conftest import start_http_server
 from shards_corpus import image_handler, photo_jpegs, rewrite_image_urls
 
 from m3w.pipeline import io
+from m3w.pipeline.compaction import compact_store
 from m3w.pipeline.extract import run_extract
 from m3w.pipeline.filter import run_filter
 from m3w.pipeline.images import ImagesConfig, run_images
@@ -49,6 +50,10 @@ def shard_bytes(folder: str) -> dict[str, bytes]:
     return {name: io.read_bytes(io.join(folder, name)) for name in io.list_dir(folder)}
 
 
+def blob_bytes(store: ImageStore) -> dict[str, bytes]:
+    return {name: io.read_bytes(store.url(name)) for name in store.files() if name.startswith("blobs/")}
+
+
 def test_pipeline_on_s3_gives_the_local_shards(s3_bucket, webcorpus, tmp_path, ray_address):
     base_url, server = start_http_server(tmp_path, image_handler(photo_jpegs(webcorpus)))
     try:
@@ -73,6 +78,20 @@ def test_pipeline_on_s3_gives_the_local_shards(s3_bucket, webcorpus, tmp_path, r
     store = ImageStore(remote["images"])
     assert store.count() == ImageStore(local["images"]).count() > 20
     assert not any(name.endswith(".jpg") for name in store.files())  # images live in blob shards
+    # Two runs of the same input store the same blob shards, byte for byte, whatever order the fetches ended in.
+    assert blob_bytes(store) == blob_bytes(ImageStore(local["images"])) != {}
+
+    # The store compacted on s3:// (each image once): the shards built from it are still the local ones.
+    counts = compact_store(remote["images"], ray_address=ray_address)
+    assert counts["copied_images"] > 0 and ImageStore(remote["images"]).state().compactions == [2]
+    again = io.join(remote["shards"], "after-compaction")
+    assert (
+        run_m3w_shards([remote["filtered"]], remote["images"], again, CONFIG, ray_address=ray_address)[
+            "failed_units"
+        ]
+        == []
+    )
+    assert shard_bytes(io.join(again, "m3w")) == shard_bytes(io.join(local["shards"], "m3w"))
 
     # The trainer lists and reads the shards straight from s3://.
     shard_set = read_shard_set(io.join(remote["shards"], "m3w"))

@@ -209,8 +209,8 @@ class CopyArgs:
 def copy_images(args: CopyArgs) -> tuple[None, dict[str, int]]:
     """Ray task: one new blob shard: each image's bytes read once and written once, in sha256 order."""
     store = ImageStore(args.store)
-    table, _, first, _ = _by_sha(read_parts(args.copy_files, args.partition, args.partitions,
-                                            spec.COMPACT_IMAGE_SCHEMA), ())  # fmt: skip
+    table, sha, first, _ = _by_sha(read_parts(args.copy_files, args.partition, args.partitions,
+                                              spec.COMPACT_IMAGE_SCHEMA), ())  # fmt: skip
     n = table.num_rows
     shard, offset = table.column("blob_shard").to_numpy(), table.column("blob_offset").to_numpy()
     length = table.column("blob_length").to_numpy()
@@ -226,12 +226,15 @@ def copy_images(args: CopyArgs) -> tuple[None, dict[str, int]]:
                     [store.url(r) for r in refs], offset[lead], offset[lead] + length[lead]
                 )
                 for i, data in zip(range(start, start + len(lead)), datas):
-                    _, new_offset[i], _ = blobs.add(data)
+                    if blobs.add(data)[0] != sha[first[i]].tobytes().hex():
+                        raise ValueError(f"{store.url(refs[i - start])}: the bytes at {offset[first[i]]} are not "
+                                         f"the image {sha[first[i]].tobytes().hex()} the rows name")  # fmt: skip
                     copied += len(data)
         except BaseException as exc:
             blobs.abort(exc)
             raise
-        blobs.close()
+        offsets = blobs.close()
+        new_offset = np.array([offsets[sha[i].tobytes().hex()] for i in first], np.int64)
     group = _numbered(n, first)
     moves = _moves(table, np.full(n, args.shard, np.int64), new_offset[group], length[first][group])
     write_parts(args.moves_out, moves, _group_of(table.column("bucket").to_numpy(), args.group_starts),

@@ -261,7 +261,7 @@ class _Worker:
             if self.filters.uses_models:
                 with self._lock:
                     self._for_models[url] = outcome.jpeg
-            row["resized_sha256"], row["blob_offset"], row["blob_length"] = self.blobs.add(outcome.jpeg)
+            row["resized_sha256"], row["blob_length"] = self.blobs.add(outcome.jpeg)
             row["blob_shard"] = self.blobs.shard
         except ImageError as exc:
             row["status"], row["error_message"] = exc.status, str(exc)[:1000]
@@ -513,8 +513,8 @@ def fetch_unit(args: FetchArgs) -> tuple[list[int] | None, dict[str, int]]:
         except BaseException as exc:
             blobs.abort(exc)
             raise
-        blobs.close()  # the images first: a committed row never points at a missing blob
-        table = write_rows(store, args.shard, rows)
+        offsets = blobs.close()  # the images first: a committed row never points at a missing blob
+        table = write_rows(store, args.shard, rows, offsets)
     hashes = table.column("url_hash")
     span = [pc.min(hashes).as_py(), pc.max(hashes).as_py()] if table.num_rows else None
     return span, _unit_counts(table)

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
+import tempfile
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,49 +271,63 @@ class ImageStore:
 
 
 class BlobShardWriter:
-    """One fetch unit's blob shard: a tar of `<sha256>.jpg` members, identical bytes stored once. Thread-safe;
-    built in a local temp file and stored whole by `close()` (nothing is stored if the unit fails)."""
+    """One fetch unit's blob shard: a tar of `<sha256>.jpg` members, identical bytes stored once. Thread-safe.
+    Images arrive in a local scratch file in any order; `close()` stores the shard whole, its members in sha256
+    order, so the same images make the same bytes whatever order the fetches finished in (nothing is stored if
+    the unit fails)."""
 
     def __init__(self, store: ImageStore, shard: int) -> None:
         self.url = store.url(spec.blob_relpath(shard))
         self.shard = shard
-        self._stack = ExitStack()
-        tmp = self._stack.enter_context(io.atomic_path(self.url))
-        self._tar = tarfile.open(tmp, mode="w", format=TAR_FORMAT)
-        self._stack.callback(self._tar.close)
+        self._scratch = tempfile.TemporaryFile(prefix="m3w-blobs-")  # noqa: SIM115 - closed by close/abort
         self._lock = threading.Lock()
-        self._stored: dict[str, tuple[int, int]] = {}
+        self._stored: dict[str, tuple[int, int]] = {}  # sha256 → (offset, length) in the scratch file
 
-    def add(self, data: bytes) -> tuple[str, int, int]:
-        """Store `data` (once per shard) and return (sha256, offset, length)."""
+    def add(self, data: bytes) -> tuple[str, int]:
+        """Take `data` (once per shard) and return (sha256, length); `close()` says where it lies."""
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            where = self._stored.get(sha)
-            if where is None:
-                where = self._stored[sha] = (
-                    add_member(self._tar, spec.blob_member_name(sha), data),
-                    len(data),
-                )
-        return sha, where[0], where[1]
+            if sha not in self._stored:
+                self._scratch.seek(0, os.SEEK_END)
+                self._stored[sha] = (self._scratch.tell(), len(data))
+                self._scratch.write(data)
+        return sha, len(data)
 
     @property
     def images(self) -> int:
         return len(self._stored)
 
-    def close(self) -> None:
-        self._stack.close()
+    def close(self) -> dict[str, int]:
+        """Store the shard. Returns sha256 → offset of that image's bytes in it."""
+        offsets = {}
+        try:
+            with io.atomic_path(self.url) as tmp, tarfile.open(tmp, mode="w", format=TAR_FORMAT) as tar:
+                for sha in sorted(self._stored):
+                    start, length = self._stored[sha]
+                    self._scratch.seek(start)
+                    offsets[sha] = add_member(tar, spec.blob_member_name(sha), self._scratch.read(length))
+        finally:
+            self._scratch.close()
+        return offsets
 
     def abort(self, exc: BaseException) -> None:
-        self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        self._scratch.close()
 
 
-def write_rows(store: ImageStore, shard: int, rows: list[dict[str, Any]]) -> pa.Table:
-    """Write a fetch unit's rows file (sorted by URL hash): this commits the unit. Returns the table."""
+def write_rows(
+    store: ImageStore, shard: int, rows: list[dict[str, Any]], offsets: Mapping[str, int] | None = None
+) -> pa.Table:
+    """Write a fetch unit's rows file (sorted by URL hash): this commits the unit. A row with an image gets its
+    offset from `offsets` (`BlobShardWriter.close()` of the unit's shard). Returns the table."""
     for row in rows:
         if "url_hash" not in row:
             row["url_hash"], row["url_hash2"] = spec.url_hashes(row["url"])
-        if row.get("blob_length") and row.get("blob_shard") is None:
-            row["blob_shard"] = shard
+        if row.get("blob_length"):
+            if offsets is None:
+                raise ValueError(f"{row['url']}: a row with an image needs its blob shard's offsets")
+            row["blob_offset"] = offsets[row["resized_sha256"]]
+            if row.get("blob_shard") is None:
+                row["blob_shard"] = shard
     rows = sorted(rows, key=lambda r: (r["url_hash"], r["url_hash2"]))
     table = pa.Table.from_pylist(rows, schema=spec.IMAGE_ROW_SCHEMA)
     io.write_parquet_atomic(table, store.url(spec.rows_relpath(shard)))
@@ -459,10 +474,9 @@ def migrate_legacy(
                     except FileNotFoundError:
                         counts["missing_blob"] += 1  # kept as a row, not usable
                         continue
-                    row["resized_sha256"], row["blob_offset"], row["blob_length"] = blobs.add(data)
+                    row["resized_sha256"], row["blob_length"] = blobs.add(data)
                     counts["images"] += 1
-                blobs.close()
-                write_rows(store, shard, chunk)
+                write_rows(store, shard, chunk, blobs.close())
                 shards.append(shard)
             index_generation(store, 1, shards, migrated_from=spec.LEGACY_SCHEMA_VERSION)
         for url in legacy_index_files(store):  # layout-1 files go only once the new layout is committed
