@@ -133,3 +133,11 @@ def test_compaction_stores_each_image_once_and_changes_no_shard(
     assert late["copied_images"] == 0 and late["bytes_after"] == 0 and late["records_moved"] > 0
     assert stored_members(store_dir) == after
     assert set(usable_bytes(ImageStore(store_dir)).values()) <= set(before.values())
+
+
+def test_compacting_no_store_is_one_clear_error(tmp_path):
+    missing = tmp_path / "nothing-here"
+    done = subprocess.run([sys.executable, "-m", "m3w", "store", "compact", str(missing)], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 2 and "no image store" in done.stderr and "Traceback" not in done.stderr
+    assert not missing.exists()

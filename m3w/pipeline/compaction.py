@@ -306,6 +306,7 @@ def compact_store(
     new index as a generation of its own. Returns the counts (bytes saved among them)."""
     store = ImageStore(io.absolute(root))
     run = {"workers": workers, "ray_address": ray_address}
+    store.state()  # no store, or one of an earlier layout: one clear error, and nothing written
     with Lease(store.root):
         io.remove_temp_files(store.root)
         state = recover_interrupted_run(store, store.state(), run)

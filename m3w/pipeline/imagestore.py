@@ -537,7 +537,8 @@ def info_cmd(store: str) -> None:
     files = image_store.files()
     kinds = Counter(f.split("/", 1)[0] if "/" in f else "top" for f in files)
     click.echo(f"{image_store.root}: generation {state.generation}, {state.buckets} buckets, "
-               f"{sum(state.index_rows)} URLs, {len(files)} files ({dict(sorted(kinds.items()))})")  # fmt: skip
+               f"{sum(state.index_rows)} URLs, {len(files)} files ({dict(sorted(kinds.items()))}), "
+               f"compactions {state.compactions}")  # fmt: skip
 
 
 @store_group.command("migrate")
@@ -567,8 +568,7 @@ def compact_cmd(store: str, workers: int | None, ray_address: str | None) -> Non
     from m3w.pipeline.compaction import compact_store
 
     counts = compact_store(store, workers=workers, ray_address=ray_address)
-    mb = 1 << 20
-    click.echo(f"{ImageStore(store).root}: {counts.get('copied_images', 0)} images moved into compaction shards, "
-               f"{counts.get('duplicate_copies', 0)} duplicate copies dropped "
-               f"({counts.get('duplicate_bytes', 0) / mb:.1f} MB); blob shards {counts['bytes_before'] / mb:.1f} MB"
-               f" → {counts['bytes_after'] / mb:.1f} MB, {counts['bytes_saved'] / mb:.1f} MB saved")  # fmt: skip
+    click.echo(f"{ImageStore(store).root}: {counts.get('copied_images', 0):,} images moved into compaction shards, "
+               f"{counts.get('duplicate_copies', 0):,} duplicate copies dropped ({counts.get('duplicate_bytes', 0):,} "
+               f"bytes); blob shards {counts['bytes_before']:,} → {counts['bytes_after']:,} bytes, "
+               f"{counts['bytes_saved']:,} bytes saved")  # fmt: skip
