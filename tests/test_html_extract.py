@@ -470,6 +470,24 @@ def test_decoding_bom_latin1_label_and_undecodable():
     assert info.value.reason == "undecodable"
 
 
+@pytest.mark.parametrize("declared", ["utf-8", "iso-8859-1", None])
+def test_utf8_kept_as_bytes_is_validated_across_chunks(declared):
+    """UTF-8 wanted as bytes is validated a chunk at a time, with the verdict decoding the whole page gives: a
+    character cut by a chunk border is valid, and damage far past the first chunk counts."""
+    page = (
+        "<p>" + "é€😀" * 30_000 + "</p>"
+    ).encode()  # 270 kB: 3- and 4-byte characters straddle the chunk borders
+    damaged = (
+        page[:200_000] + b"\xff" * 3_000 + page[200_000:]
+    )  # over 1 % bad bytes, all after the first chunk
+    one_bad = page[:200_000] + b"\xff" + page[200_000:]
+    for body in (page, damaged, one_bad):
+        text, codec = decode_html(body, declared)
+        assert decode_html(body, declared, utf8_as_bytes=True) == (body if codec == "utf-8" else text, codec)
+    assert decode_html(page, declared, utf8_as_bytes=True) == (page, "utf-8")
+    assert decode_html(damaged, declared)[1] != "utf-8"
+
+
 # ---------------------------------------------------------------------------------------------- real pages
 
 
