@@ -10,7 +10,9 @@ rest http_error/not_an_image/timeout), then one sorted index file per bucket. At
   peak RSS and the time of its cold lookup of those URLs;
 - the images driver, planning only: `run_images` over every URL of the store as URL lists (all already final,
   so it plans and fetches nothing): its peak RSS (Ray tasks do the reading; the driver holds counts);
-- files per million images in the store.
+- files per million images in the store (as `m3w images` leaves it: before this size's compaction);
+- the `m3w store compact` driver that then moves this size's new images into compaction shards: its peak RSS
+  (its tasks hold at most `plan_rows_per_task` records each).
 
 Then shard writing with 1 and 2 workers (wall time; it should fall). The last line is
 `store_rss_exponent=<f> driver_rss_exponent=<f> files_per_million_images=<f>` (exponents: log-log slope of peak
@@ -145,6 +147,17 @@ def child_images_driver(store: str, lists: list[str]) -> dict:
             "exhausted": summary.retries_exhausted, "fetched": summary.fetched, "rss_mb": peak_rss_mb()}  # fmt: skip
 
 
+def child_compaction(store: str) -> dict:
+    from m3w.pipeline.compaction import compact_store
+    from m3w.pipeline.ray_runner import init_ray
+
+    init_ray(num_cpus=2)
+    start = time.perf_counter()
+    counts = compact_store(store, workers=2)
+    return {"seconds": time.perf_counter() - start, "copied_images": counts.get("copied_images", 0),
+            "rss_mb": peak_rss_mb()}  # fmt: skip
+
+
 def child_shard_writing(store: str, inputs: str, out: str, workers: int) -> dict:
     from m3w.pipeline.ray_runner import init_ray
     from m3w.pipeline.shards import ShardsConfig, run_m3w_shards
@@ -204,7 +217,7 @@ def main() -> None:
         rows, grown = [], 0
         for generation, size in enumerate(sizes, start=1):
             start = time.perf_counter()
-            grow(store, grown, size, generation)
+            grow(store, grown, size, store.generation + 1)  # after the compaction of the size before
             grown = size
             build_s = time.perf_counter() - start
             # The shards task: a fixed number of URLs drawn from the whole store.
@@ -222,11 +235,13 @@ def main() -> None:
                 path.write_text("".join(url_of(i) + "\n" for i in range(first, min(first + 100_000, size))))
                 lists.append(str(path))
             driver = run_child("images_driver", store.root, *lists)
-            files = store.files()
+            files = store.files()  # before this size's compaction: as `m3w images` leaves the store
+            compaction = run_child("compaction", store.root)
             images = int(size * 0.7)
             row = {"urls": size, "files": len(files), "files_per_million_images": len(files) / (images / 1e6),
                    "task_rss_mb": task["rss_mb"], "lookup_s": task["lookup_s"], "lookup_urls": task["urls"],
-                   "driver_rss_mb": driver["rss_mb"], "driver_s": driver["seconds"], "build_s": build_s}  # fmt: skip
+                   "driver_rss_mb": driver["rss_mb"], "driver_s": driver["seconds"], "build_s": build_s,
+                   "compaction_rss_mb": compaction["rss_mb"]}  # fmt: skip
             assert task["found"] == int(sum(1 for u in urls if int(u.split("/")[4]) % 10 < 7)), task
             assert (
                 driver["urls"] == size == driver["final"] + driver["exhausted"] and driver["fetched"] == 0
@@ -236,7 +251,8 @@ def main() -> None:
                   f"grown in {build_s:.1f}s): shards task peak RSS {task['rss_mb']:.0f} MB, cold lookup of "
                   f"{task['urls']:,} URLs {task['lookup_s']:.2f}s ({1e6 * task['lookup_s'] / task['urls']:.0f} us/URL); "
                   f"images driver (planning {size:,} URLs, {driver['seconds']:.1f}s) peak RSS "
-                  f"{driver['rss_mb']:.0f} MB", flush=True)  # fmt: skip
+                  f"{driver['rss_mb']:.0f} MB; store compact driver ({compaction['copied_images']:,} images moved, "
+                  f"{compaction['seconds']:.1f}s) peak RSS {compaction['rss_mb']:.0f} MB", flush=True)  # fmt: skip
             for path in lists:
                 os.unlink(path)
         # Shard writing in parallel: 1 then 2 workers over the same input files (byte-identical outputs, wall
@@ -259,7 +275,9 @@ def main() -> None:
     store_exp = slope(xs, [r["task_rss_mb"] for r in rows])
     driver_exp = slope(xs, [r["driver_rss_mb"] for r in rows])
     lookup_exp = slope(xs, [r["lookup_s"] for r in rows])
+    compaction_exp = slope(xs, [r["compaction_rss_mb"] for r in rows])
     print(f"lookup time exponent {lookup_exp:.3f} (per URL, cold); sizes span {xs[-1] / xs[0]:.0f}x")
+    print(f"compaction_driver_rss_exponent={compaction_exp:.3f}")
     print("projection: " + projection())
     print(f"store_rss_exponent={store_exp:.3f} driver_rss_exponent={driver_exp:.3f} "
           f"files_per_million_images={rows[-1]['files_per_million_images']:.1f}")  # fmt: skip
@@ -272,6 +290,8 @@ if __name__ == "__main__":
             result = child_shards_task(*job_args)
         elif job == "images_driver":
             result = child_images_driver(job_args[0], job_args[1:])
+        elif job == "compaction":
+            result = child_compaction(job_args[0])
         else:
             result = child_shard_writing(job_args[0], job_args[1], job_args[2], int(job_args[3]))
         print(json.dumps(result))
