@@ -80,10 +80,11 @@ def _group_of(buckets: np.ndarray, group_starts: Sequence[int]) -> np.ndarray:
     return np.searchsorted(np.asarray(group_starts), buckets, side="right") - 1
 
 
-def _moves(records: pa.Table | dict[str, np.ndarray], shard: np.ndarray, offset: np.ndarray,
-           length: np.ndarray) -> pa.Table:  # fmt: skip
-    return _table(spec.COMPACT_MOVE_SCHEMA, {"bucket": records["bucket"], "position": records["position"],
-                                             "blob_shard": shard, "blob_offset": offset, "blob_length": length})  # fmt: skip
+def _moves(records: pa.Table, shard: np.ndarray, offset: np.ndarray, length: np.ndarray) -> pa.Table:
+    """Moves of `records` (bucket, position) to (shard, offset, length)."""
+    columns = {"bucket": records["bucket"], "position": records["position"], "blob_shard": shard,
+               "blob_offset": offset, "blob_length": length}  # fmt: skip
+    return _table(spec.COMPACT_MOVE_SCHEMA, columns)
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
@@ -108,7 +109,7 @@ def map_images(args: MapArgs) -> tuple[None, dict[str, int]]:
         buckets.append(np.full(len(position), bucket, np.int32))
         positions.append(position)
         records.append(rec[position])
-    rec = np.concatenate(records) if records else spec.empty_records()
+    rec = np.concatenate(records)
     sha = np.zeros((len(rec), 32), np.uint8)
     order = np.argsort(rec["shard"], kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(rec["shard"][order]) != 0]) if len(rec) else []
@@ -120,9 +121,10 @@ def map_images(args: MapArgs) -> tuple[None, dict[str, int]]:
         if None in digests:
             raise ValueError(f"{rows_url}: a row with an image has no resized_sha256")
         sha[mine] = np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(-1, 32)
-    table = _table(spec.COMPACT_IMAGE_SCHEMA, {"sha256": sha, "blob_shard": rec["blob_shard"],
-                   "blob_offset": rec["blob_offset"], "blob_length": rec["blob_length"].astype(np.int64),
-                   "bucket": np.concatenate(buckets) if buckets else [], "position": np.concatenate(positions) if positions else []})  # fmt: skip
+    columns = {"sha256": sha, "blob_shard": rec["blob_shard"], "blob_offset": rec["blob_offset"],
+               "blob_length": rec["blob_length"].astype(np.int64), "bucket": np.concatenate(buckets),
+               "position": np.concatenate(positions)}  # fmt: skip
+    table = _table(spec.COMPACT_IMAGE_SCHEMA, columns)
     write_parts(args.out, table, hash_partition(sha_keys(sha), args.partitions), args.partitions)
     return None, {"records_with_image": len(rec)}
 
