@@ -10,7 +10,8 @@ rest http_error/not_an_image/timeout), then one sorted index file per bucket. At
   peak RSS and the time of its cold lookup of those URLs;
 - the images driver, planning only: `run_images` over every URL of the store as URL lists (all already final,
   so it plans and fetches nothing): its peak RSS (Ray tasks do the reading; the driver holds counts);
-- files per million images in the store (as `m3w images` leaves it: before this size's compaction);
+- files per million images in the store (as `m3w images` leaves it: before this size's compaction), those of
+  its current generation; the superseded files it keeps a generation for earlier readers are counted apart;
 - the `m3w store compact` driver that then moves this size's new images into compaction shards: its peak RSS
   (its tasks hold at most `plan_rows_per_task` records each).
 
@@ -130,7 +131,8 @@ def child_shards_task(store: str, docs: str, out: str) -> dict:
     start = time.perf_counter()
     found = stored_images(image_store, doc_list)  # the cold lookup: fences and blocks read for the first time
     lookup = time.perf_counter() - start
-    _, counts = m3w_unit({"input": docs, "store": store, "uid": "bench", "out": out, "config": to_dict(config),
+    _, counts = m3w_unit({"input": docs, "store": store, "store_generation": image_store.generation, "uid": "bench",
+                          "out": out, "config": to_dict(config),
                           "datasets": [{"dataset": "m3w", "name": "m3w", "dedup": False}]})  # fmt: skip
     return {"lookup_s": lookup, "urls": sum(len(d["nodes"]) // 2 for d in doc_list), "found": len(found),
             "samples": counts.get("samples", 0), "rss_mb": peak_rss_mb()}  # fmt: skip
@@ -235,7 +237,10 @@ def main() -> None:
                 path.write_text("".join(url_of(i) + "\n" for i in range(first, min(first + 100_000, size))))
                 lists.append(str(path))
             driver = run_child("images_driver", store.root, *lists)
-            files = store.files()  # before this size's compaction: as `m3w images` leaves the store
+            every = store.files()  # before this size's compaction: as `m3w images` leaves the store
+            superseded = store.state().superseded_paths()
+            kept = {f for f in every if f in superseded or f.rsplit("/", 1)[0] in superseded}
+            files = [f for f in every if f not in kept]
             compaction = run_child("compaction", store.root)
             images = int(size * 0.7)
             row = {"urls": size, "files": len(files), "files_per_million_images": len(files) / (images / 1e6),
@@ -247,7 +252,8 @@ def main() -> None:
                 driver["urls"] == size == driver["final"] + driver["exhausted"] and driver["fetched"] == 0
             ), driver
             rows.append(row)
-            print(f"store {size:>9,} URLs ({len(files):,} files, {row['files_per_million_images']:.0f} per M images; "
+            print(f"store {size:>9,} URLs ({len(files):,} files, {row['files_per_million_images']:.0f} per M images, "
+                  f"+ {len(kept):,} superseded kept for readers of the generation before; "
                   f"grown in {build_s:.1f}s): shards task peak RSS {task['rss_mb']:.0f} MB, cold lookup of "
                   f"{task['urls']:,} URLs {task['lookup_s']:.2f}s ({1e6 * task['lookup_s'] / task['urls']:.0f} us/URL); "
                   f"images driver (planning {size:,} URLs, {driver['seconds']:.1f}s) peak RSS "

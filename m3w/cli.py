@@ -41,8 +41,8 @@ COMMANDS = {
         "Fetch, validate and resize images into the content-addressed store.",
     ),
     "store": (
-        "m3w.pipeline.imagestore:store_group",
-        "Image store upkeep: `m3w store info|compact|migrate STORE`.",
+        "m3w.pipeline.store_cli:store_group",
+        "Image store upkeep: `m3w store info|compact|vacuum|migrate STORE`.",
     ),
     "tokenizer": ("m3w.pipeline.tokenizer_cli:tokenizer_group", "Train the default tokenizer."),
     "shards": (

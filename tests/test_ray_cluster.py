@@ -173,7 +173,7 @@ def _outputs(root: Path) -> dict[str, bytes]:
         data = path.read_bytes()
         if "_manifest" in path.parts and path.suffix == ".json":
             data = json.dumps(_without(json.loads(data), "time", "config_hash"), sort_keys=True).encode()
-        elif path.name == "_store.json":
+        elif path.name == "_store.json" or "_generations" in path.parts:  # the state, and its snapshots
             state = json.loads(data)
             state["history"] = [_without(h, "time") for h in state["history"]]
             data = json.dumps(state, sort_keys=True).encode()

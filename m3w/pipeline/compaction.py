@@ -13,13 +13,15 @@ hashes:
     copy     one task per new blob shard (the images to copy, partitioned again by sha256): each image's bytes
              read once and written once, in sha256 order, into `blobs/g<C>/u<K>.tar`; every record of it moves
     index    one task per bucket group: its buckets' index files rewritten with the moved records
-    commit   `_store.json` of generation C, which names C a compaction; then, and only then, the fetch units'
-             blob shards of earlier generations are removed. A kill before the commit leaves the store as it
-             was (the next compaction or `m3w images` run overwrites the partial files); a kill after it leaves
-             unreferenced shards that the next compaction removes first.
+    commit   `_store.json` of generation C, which names C a compaction and lists the fetch units' blob shards
+             and the rewritten index files as superseded at C: they stay, for readers that planned on an
+             earlier generation (a shards run under way), until a writer's vacuum finds them old enough
+             (`retain_generations`). A kill before the commit leaves the store as it was (the next compaction
+             or `m3w images` run overwrites the partial files).
 
 An image is copied once in its life: compaction shards are never rewritten, and a later compaction only moves
 what later runs fetched. Images no current record points at (superseded by a retry) go with their unit's shard.
+Compaction is safe with concurrent readers: it never removes a file the generation before it points at.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pyarrow as pa
 from m3w.pipeline import io
 from m3w.pipeline.dedup.keys import hash_partition
 from m3w.pipeline.images import ImagesConfig, bucket_groups, recover_interrupted_run
-from m3w.pipeline.imagestore import BlobShardWriter, ImageStore
+from m3w.pipeline.imagestore import BlobShardWriter, ImageStore, commit_generation, vacuum
 from m3w.pipeline.lease import Lease
 from m3w.pipeline.ray_runner import Unit, run_units
 from m3w.schemas import images as spec
@@ -277,11 +279,14 @@ def index_moves(args: IndexArgs) -> tuple[dict[int, int], dict[str, int]]:
 
 
 def unit_blob_folders(store: ImageStore, state: spec.StoreState) -> list[int]:
-    """Generations up to the committed one whose blob folder holds fetch units' shards (not a compaction's)."""
+    """Generations up to the committed one whose blob folder holds fetch units' shards that the index may
+    point at (not a compaction's, not one an earlier compaction superseded)."""
     generations = [
         int(name[1:]) for name in io.list_dir(store.url("blobs"), dirs=True) if name.startswith("g")
     ]
-    return sorted(g for g in generations if g <= state.generation and g not in state.compactions)
+    superseded = state.superseded_paths()
+    return sorted(g for g in generations if g <= state.generation and g not in state.compactions
+                  and spec.blob_generation_relpath(g) not in superseded)  # fmt: skip
 
 
 def _folder_bytes(url: str) -> int:
@@ -301,29 +306,28 @@ def compact_store(
     *,
     shard_bytes: int = SHARD_BYTES,
     rows_per_task: int = ImagesConfig.plan_rows_per_task,
+    retain_generations: int = ImagesConfig.retain_generations,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, int]:
     """Move every image in a fetch unit's blob shard into compaction shards, once per sha256, and commit the
-    new index as a generation of its own. Returns the counts (bytes saved among them)."""
+    new index as a generation of its own; then vacuum what was superseded `retain_generations` ago. Returns the
+    counts (bytes saved among them)."""
     store = ImageStore(io.absolute(root))
     run = {"workers": workers, "ray_address": ray_address}
     store.state()  # no store, or one of an earlier layout: one clear error, and nothing written
     with Lease(store.root):
         io.remove_temp_files(store.root)
-        state = recover_interrupted_run(store, store.state(), run)
+        state = recover_interrupted_run(store, store.state(), run, retain_generations)
         generation = state.generation + 1
         for relpath in (spec.blob_generation_relpath(generation), spec.run_relpath(generation)):
             io.remove_tree(store.url(relpath))  # a killed compaction's files: never committed
-        # Fetch units' shards that the last compaction moved, left by a kill after its commit:
-        last = max(state.compactions, default=-1)
-        for old in [g for g in unit_blob_folders(store, state) if g < last]:
-            io.remove_tree(store.url(spec.blob_generation_relpath(old)))
         folders = unit_blob_folders(store, state)
         counts = {
             "bytes_before": sum(_folder_bytes(store.url(spec.blob_generation_relpath(g))) for g in folders)
         }
         if not folders:
+            vacuum(store, retain_generations)
             return {**counts, "bytes_after": 0, "bytes_saved": 0}
 
         def url(kind: str, task: str) -> str:
@@ -374,10 +378,8 @@ def compact_store(
                 new.index_generations[bucket], new.index_rows[bucket] = generation, records
         new.history.append({"generation": generation, "compaction": dict(sorted(counts.items())),
                             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
-        store.commit(new)  # from here on no record points into the fetch units' shards
-        for relpath in superseded:
-            io.remove(store.url(relpath))
-        for old in folders:
-            io.remove_tree(store.url(spec.blob_generation_relpath(old)))
+        superseded += [spec.blob_generation_relpath(g) for g in folders]
+        # From here on no record points into the fetch units' shards; readers of earlier generations still may.
+        commit_generation(store, new, superseded, retain_generations)
         io.remove_tree(store.url(spec.run_relpath(generation)))
     return counts

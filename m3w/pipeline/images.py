@@ -52,6 +52,7 @@ from m3w.pipeline.imagestore import (
     BlobShardWriter,
     ImageStore,
     NoStoreError,
+    commit_generation,
     compact_buckets,
     shard_hash_range,
     write_rows,
@@ -88,6 +89,7 @@ class ImagesConfig:
     threads_per_task: int = 32  # concurrent fetches inside one task
     buckets: int = spec.DEFAULT_BUCKETS  # index buckets of a new store (an existing store keeps its own)
     plan_rows_per_task: int = 2_000_000  # URLs + index records one planning/indexing task holds at most
+    retain_generations: int = spec.RETAIN_GENERATIONS  # a superseded file's generations kept, for readers
     fetch: FetchConfig = field(default_factory=FetchConfig)
     filters: ImageFilterConfig = field(default_factory=ImageFilterConfig)  # the filter stage's image rules
     image_filters: ImageFiltersConfig = field(default_factory=ImageFiltersConfig)  # scores in the index
@@ -586,9 +588,10 @@ def _commit_generation(
     shards: dict[int, list[int] | None],
     groups: list[tuple[int, int]],
     run: dict[str, Any],
+    retain: int,
 ) -> tuple[spec.StoreState, dict[str, str]]:
-    """Compact the buckets the new rows touch, then write `_store.json` for `generation`; old index files are
-    removed once nobody can be reading them from the new state. Returns (new state, failed groups)."""
+    """Compact the buckets the new rows touch, then commit `generation`; the old index files are superseded,
+    kept `retain` generations for readers of earlier ones. Returns (new state, failed groups)."""
     units = []
     for first, stop in groups:
         low = spec.bucket_hash_range(first, state.buckets)[0]
@@ -611,9 +614,7 @@ def _commit_generation(
             new.index_generations[bucket], new.index_rows[bucket] = generation, records
     new.history.append({"generation": generation, "units": len(shards),
                         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
-    store.commit(new)
-    for relpath in superseded:
-        io.remove(store.url(relpath))
+    commit_generation(store, new, superseded, retain)
     return new, {}
 
 
@@ -627,7 +628,7 @@ def rows_files(store: ImageStore) -> list[str]:
 
 
 def recover_interrupted_run(
-    store: ImageStore, state: spec.StoreState, run: dict[str, Any]
+    store: ImageStore, state: spec.StoreState, run: dict[str, Any], retain: int
 ) -> spec.StoreState:
     """Commit what a killed run had finished: its rows files exist, its generation was never committed. Every
     writer of a new generation calls it first (that generation's folders may hold the killed run's files)."""
@@ -638,7 +639,7 @@ def recover_interrupted_run(
         return state
     shards = {spec.shard_id(generation, int(n[1:].split(".")[0])): None for n in names}
     shards = {s: list(span) if (span := shard_hash_range(store, s)) else None for s in shards}
-    state, failures = _commit_generation(store, state, generation, shards, [(0, state.buckets)], run)
+    state, failures = _commit_generation(store, state, generation, shards, [(0, state.buckets)], run, retain)
     if failures:
         raise RuntimeError(f"could not index the rows of an interrupted run in {store.root}: {failures}")
     io.remove_tree(store.url(spec.run_relpath(generation)))
@@ -684,7 +685,7 @@ def run_images(
         except NoStoreError:
             state = store.create(config.store_settings(), config.buckets)
         _check_store_settings(store, state, config)
-        state = recover_interrupted_run(store, state, run)
+        state = recover_interrupted_run(store, state, run, config.retain_generations)
         generation = state.generation + 1
         scratch = store.url(spec.run_relpath(generation))
         url_lists = [io.join(scratch, "urls", f"u{i:06d}.parquet") for i in range(len(files))]
@@ -713,7 +714,9 @@ def run_images(
         shards = {u.args.shard: fetched.outputs[u.id] for u in fetch_units if u.id in fetched.outputs}
         failures = {**planned.failures, **fetched.failures}
         if shards:
-            state, index_failures = _commit_generation(store, state, generation, shards, groups, run)
+            state, index_failures = _commit_generation(
+                store, state, generation, shards, groups, run, config.retain_generations
+            )
             failures.update(index_failures)
             counts = dict(fetched.counts)
             Manifest(store.root, "images", stable_hash(to_dict(config))).record(

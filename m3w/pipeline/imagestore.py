@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -17,15 +18,13 @@ import tempfile
 import threading
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from m3w.cli import ray_options
 from m3w.errors import UserError
 from m3w.pipeline import io
 from m3w.pipeline.tario import TAR_FORMAT, add_member
@@ -37,6 +36,10 @@ LOOKUP_BATCH = 4096  # URLs resolved per round of block reads: bounds a lookup's
 
 class NoStoreError(UserError, FileNotFoundError):
     """No image store at the given place."""
+
+
+class GenerationGoneError(UserError):
+    """A reader's store generation was vacuumed: its files are gone (the reader must plan again)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,32 @@ class ImageStore:
             self._state = spec.StoreState.from_json(data, self.url(spec.STORE_FILE))
         return self._state
 
+    def state_at(self, generation: int) -> spec.StoreState:
+        """The state of `generation` as committed: the current one, or an earlier one not yet vacuumed."""
+        state = self.state()
+        if generation == state.generation:
+            return state
+        if generation > state.generation:
+            raise UserError(
+                f"{self.root}: no store generation {generation} (the store is at {state.generation})"
+            )
+        try:
+            data = io.read_json(self.url(spec.generation_relpath(generation)))
+        except FileNotFoundError:
+            raise self.gone(generation) from None
+        return spec.StoreState.from_json(data, self.url(spec.generation_relpath(generation)))
+
+    def gone(self, generation: int, missing: str | None = None) -> GenerationGoneError:
+        """The error of a reader that planned on `generation` and finds it (or its file `missing`) vacuumed."""
+        what = f"{missing} is gone: " if missing else ""
+        if generation == self.state().generation:
+            return GenerationGoneError(f"{what}it belongs to store generation {generation} of {self.root}, the "
+                                       "current one: the store lost a file")  # fmt: skip
+        return GenerationGoneError(
+            f"{what}store generation {generation} of {self.root}, which this reader planned on, was vacuumed "
+            f"(the store is at generation {self.state().generation}); run again to read the current one"
+        )
+
     def exists(self) -> bool:
         return io.exists(self.url(spec.STORE_FILE))
 
@@ -107,7 +136,9 @@ class ImageStore:
         return state
 
     def commit(self, state: spec.StoreState) -> None:
-        """Write `_store.json`: from now on readers see `state` (its index files must all be written)."""
+        """Write the generation's snapshot, then `_store.json`: from now on readers see `state` (its index files
+        must all be written)."""
+        io.write_bytes(self.url(spec.generation_relpath(state.generation)), state.dumps())
         io.write_bytes(self.url(spec.STORE_FILE), state.dumps())
         self._state = state
 
@@ -134,14 +165,24 @@ class ImageStore:
             _FENCES.move_to_end(key)
         return cached[0], cached[1], url
 
-    def locate(self, urls: Iterable[str]) -> dict[str, np.void]:
-        """url → its index record, for the URLs the store has seen (others are absent)."""
-        state = self.state()
+    def locate(self, urls: Iterable[str], state: spec.StoreState | None = None) -> dict[str, np.void]:
+        """url → its index record in `state` (default: the current generation), for the URLs the store has
+        seen (others are absent)."""
+        state = state or self.state()
         wanted = sorted(set(urls))
         found: dict[str, np.void] = {}
-        for start in range(0, len(wanted), LOOKUP_BATCH):
-            found.update(self._locate_batch(wanted[start : start + LOOKUP_BATCH], state))
+        with self.reading(state):
+            for start in range(0, len(wanted), LOOKUP_BATCH):
+                found.update(self._locate_batch(wanted[start : start + LOOKUP_BATCH], state))
         return found
+
+    @contextlib.contextmanager
+    def reading(self, state: spec.StoreState) -> Iterator[None]:
+        """Reads of the files of `state`: a file that is gone (vacuumed) is the one clear GenerationGoneError."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise self.gone(state.generation, exc.filename or str(exc)) from None
 
     def _locate_batch(self, urls: list[str], state: spec.StoreState) -> dict[str, np.void]:
         hashes = np.array([spec.url_hashes(u) for u in urls], dtype=np.int64).reshape(-1, 2)
@@ -186,14 +227,15 @@ class ImageStore:
                 i += 1
         return found
 
-    def usable(self, urls: Iterable[str]) -> dict[str, BlobRef]:
-        """url → where its image lies, for each URL with a usable image (`schemas.images.is_usable`) that passes
-        the image filter thresholds the store records (`image_filters`): what the later stages may use."""
+    def usable(self, urls: Iterable[str], state: spec.StoreState | None = None) -> dict[str, BlobRef]:
+        """url → where its image lies in `state` (default: the current generation), for each URL with a usable
+        image (`schemas.images.is_usable`) that passes the image filter thresholds the store records
+        (`image_filters`): what the later stages may use."""
         from m3w.pipeline.image_filters.replay import store_filters
 
         filters = store_filters(self.root)
         out = {}
-        for url, rec in self.locate(urls).items():
+        for url, rec in self.locate(urls, state).items():
             row = spec.record_row(rec)
             if spec.is_usable(row) and (filters is None or filters.verdict(row) is None):
                 out[url] = BlobRef(int(rec["blob_shard"]), int(rec["blob_offset"]), int(rec["blob_length"]))
@@ -248,13 +290,15 @@ class ImageStore:
 
     # -- blobs -----------------------------------------------------------------------------------------------
 
-    def read_blobs(self, refs: list[BlobRef]) -> list[bytes]:
-        """The JPEG bytes of each ref, in order (remote ranges fetched concurrently)."""
-        return io.read_ranges(
-            [self.url(spec.blob_relpath(r.shard)) for r in refs],
-            [r.offset for r in refs],
-            [r.offset + r.length for r in refs],
-        )
+    def read_blobs(self, refs: list[BlobRef], state: spec.StoreState | None = None) -> list[bytes]:
+        """The JPEG bytes of each ref (of `state`, default the current generation), in order (remote ranges
+        fetched concurrently)."""
+        with self.reading(state or self.state(refresh=False)):
+            return io.read_ranges(
+                [self.url(spec.blob_relpath(r.shard)) for r in refs],
+                [r.offset for r in refs],
+                [r.offset + r.length for r in refs],
+            )
 
     def read_blob(self, ref: BlobRef) -> bytes:
         return self.read_blobs([ref])[0]
@@ -408,10 +452,50 @@ def index_generation(store: ImageStore, generation: int, shards: list[int], **no
         state.index_generations[bucket], state.index_rows[bucket] = generation, records
     state.generation = generation
     state.history.append({"generation": generation, "units": len(shards), **note})
-    store.commit(state)
-    for relpath in superseded:
-        io.remove(store.url(relpath))
+    commit_generation(store, state, superseded)
     return state
+
+
+def commit_generation(
+    store: ImageStore, state: spec.StoreState, superseded: list[str], retain: int = spec.RETAIN_GENERATIONS
+) -> None:
+    """Commit `state`, a new generation, listing the files and folders it no longer points at as superseded by
+    it (kept for readers of earlier generations); then vacuum what is `retain` generations old. Under the
+    store's lease."""
+    if superseded:
+        state.superseded = [*state.superseded, {"generation": state.generation, "paths": sorted(superseded)}]
+    store.commit(state)
+    vacuum(store, retain)
+
+
+def readable_generations(store: ImageStore) -> list[int]:
+    """The generations a reader may plan on: the current one and those whose snapshot was not vacuumed."""
+    names = io.list_dir(store.url(spec.GENERATIONS_DIR))
+    current = store.state().generation
+    return sorted({current} | {int(n[1:-5]) for n in names if n.startswith("g") and n.endswith(".json")})
+
+
+def vacuum(store: ImageStore, older_than: int = spec.RETAIN_GENERATIONS) -> dict[str, int]:
+    """Remove the files superseded at least `older_than` generations ago, and the snapshots of the generations
+    that needed them: generations from current - older_than on stay readable. Under the store's lease.
+
+    Order: the snapshots first (a reader planning on such a generation now gets the clear "vacuumed" error),
+    then the files, then `_store.json` without them. A kill anywhere leaves the current generation whole; the
+    next vacuum removes what is still listed (a path already gone is skipped)."""
+    if older_than < 0:
+        raise ValueError(f"older_than must be >= 0, not {older_than}")
+    state = store.state()
+    oldest_readable = state.generation - older_than
+    due = [e for e in state.superseded if e["generation"] <= oldest_readable]
+    snapshots = [g for g in readable_generations(store) if g < oldest_readable]
+    for generation in snapshots:
+        io.remove(store.url(spec.generation_relpath(generation)))
+    for path in [p for entry in due for p in entry["paths"]]:
+        io.remove_tree(store.url(path))
+    if due:
+        store.commit(replace(state, superseded=[e for e in state.superseded if e not in due]))
+    return {"paths": sum(len(e["paths"]) for e in due), "snapshots": len(snapshots),
+            "oldest_readable_generation": max(oldest_readable, 0)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ migration
@@ -518,57 +602,3 @@ def migrate_unmovable(root: str) -> dict[str, int]:
         for url in superseded:
             io.remove(url)
     return {"urls": sum(state.index_rows), "images": images}
-
-
-@click.group("store")
-def store_group() -> None:
-    """Look after an image store: `info`, `compact` (each image stored once), `migrate` (from an old layout)."""
-
-
-@store_group.command("info")
-@click.argument("store")
-def info_cmd(store: str) -> None:
-    """Generation, URLs and files of the image store STORE (a folder or a URL)."""
-    image_store = ImageStore(store)
-    try:
-        state = image_store.state()
-    except (NoStoreError, LegacyStoreError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    files = image_store.files()
-    kinds = Counter(f.split("/", 1)[0] if "/" in f else "top" for f in files)
-    click.echo(f"{image_store.root}: generation {state.generation}, {state.buckets} buckets, "
-               f"{sum(state.index_rows)} URLs, {len(files)} files ({dict(sorted(kinds.items()))}), "
-               f"compactions {state.compactions}")  # fmt: skip
-
-
-@store_group.command("migrate")
-@click.argument("store")
-@click.option("--buckets", type=int, default=spec.DEFAULT_BUCKETS, show_default=True, help="Index buckets.")
-def migrate_cmd(store: str, buckets: int) -> None:
-    """Convert the image store STORE from an earlier layout: one file per image (to blob shards and --buckets
-    buckets), or index records without a blob shard of their own."""
-    try:
-        store_file = ImageStore(store).url(spec.STORE_FILE)
-        if io.exists(store_file) and io.read_json(store_file).get("schema") == spec.UNMOVABLE_SCHEMA_VERSION:
-            counts = migrate_unmovable(store)
-        else:
-            counts = migrate_legacy(store, buckets)
-    except (NoStoreError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(f"migrated {counts.get('urls', 0)} URLs, {counts.get('images', 0)} images "
-               f"({counts.get('missing_blob', 0)} blobs missing) → {ImageStore(store).root}")  # fmt: skip
-
-
-@store_group.command("compact")
-@click.argument("store")
-@ray_options
-def compact_cmd(store: str, workers: int | None, ray_address: str | None) -> None:
-    """Store each image of STORE once: the images in the fetch units' blob shards move, one copy per sha256,
-    into compaction shards (identical bytes that several units fetched are kept once), as a new generation."""
-    from m3w.pipeline.compaction import compact_store
-
-    counts = compact_store(store, workers=workers, ray_address=ray_address)
-    click.echo(f"{ImageStore(store).root}: {counts.get('copied_images', 0):,} images moved into compaction shards, "
-               f"{counts.get('duplicate_copies', 0):,} duplicate copies dropped ({counts.get('duplicate_bytes', 0):,} "
-               f"bytes); blob shards {counts['bytes_before']:,} → {counts['bytes_after']:,} bytes, "
-               f"{counts['bytes_saved']:,} bytes saved")  # fmt: skip

@@ -369,6 +369,8 @@ def _run_unit(fn: Callable[[Any], tuple[str | None, dict[str, int]]], args: Any)
     def work() -> None:
         try:
             outcome.append(("done", fn(args)))
+        except UserError as exc:  # a reason for the user (input, store): its one line says it all
+            outcome.append(("failed", f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # noqa: BLE001 - any failure of a unit is recorded, not raised
             outcome.append(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
 

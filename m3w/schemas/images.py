@@ -12,14 +12,23 @@ Layout of a store folder (local or object storage; `pipeline.imagestore` reads a
                                       distinct image (identical bytes stored once per shard); rows point at the
                                       member's bytes by (blob_shard, blob_offset, blob_length)
     blobs/g000009/u000000.tar         after `m3w store compact` (generation 9 is in `compactions`): every image
-                                      once per store, members in sha256 order; the fetch units' tars of earlier
-                                      generations are gone, and the index records point here
+                                      once per store, members in sha256 order; the index records point here,
+                                      the fetch units' tars of earlier generations are superseded (below)
     index/h=00042/g000007.idx         bucket 42's index after generation 7: one fixed-width record per URL
                                       (INDEX_RECORD), sorted by url hash, "most attempts wins" applied; a fence
                                       of every FENCE_STRIDE-th hash at its head for point lookups
+    _generations/g000007.json         the state of generation 7 as it was committed (what `_store.json` said):
+                                      a reader that planned on generation 7 reads it while later ones commit
     _manifest/images/g000007.json     one manifest entry per run (schemas.manifest)
     _lease.json                       held while a run writes (schemas.manifest)
     _runs/g000008/                    scratch of a run in progress (URL lists by bucket, pending URLs)
+
+Files a generation no longer points at (index files it rewrote, blob tars compaction moved) are not removed
+when it commits: `_store.json` lists them as superseded at that generation, and they go only once they were
+superseded `RETAIN_GENERATIONS` generations ago (every writer vacuums after its commit; `m3w store vacuum`), with
+the snapshots of the generations that needed them. So a reader that planned on generation G-1 (a shards run
+under way) keeps reading it, whole and unchanged, while generation G commits (Delta Lake's and Iceberg's
+retention of removed files until a vacuum).
 
 The index record holds where a URL's image lies now; a rows file's blob columns say where its unit stored it
 first (compaction moves images, rows files are never rewritten).
@@ -58,9 +67,13 @@ class LegacyStoreError(UserError, ValueError):
 
 STORE_FILE = "_store.json"
 RUNS_DIR = "_runs"
+GENERATIONS_DIR = "_generations"
 DEFAULT_BUCKETS = (
     128  # fixed when a store is created: 504 M URLs (353 M images) → 3.9 M per bucket, 315 MB files
 )
+# Generations a superseded file outlives the generation that superseded it: 1 lets a reader that planned on G-1
+# finish while G commits (a shards run takes minutes to hours; writers commit at most once per run)
+RETAIN_GENERATIONS = 1
 FENCE_STRIDE = 256  # one fence hash per 256 index records: a point lookup reads one 12 KB block
 
 STATUS_OK = "ok"
@@ -234,6 +247,11 @@ def run_relpath(generation: int) -> str:
     return f"{RUNS_DIR}/g{generation:06d}"
 
 
+def generation_relpath(generation: int) -> str:
+    """The snapshot of a generation's committed state."""
+    return f"{GENERATIONS_DIR}/g{generation:06d}.json"
+
+
 def blob_generation_relpath(generation: int) -> str:
     """The folder of a generation's blob shards."""
     return blob_relpath(shard_id(generation, 0)).rsplit("/", 1)[0]
@@ -279,6 +297,9 @@ class StoreState:
     index_rows: list[int] | None = None  # per bucket: records in that file
     history: list[dict[str, Any]] | None = None  # one line per committed generation (what it added)
     compactions: list[int] | None = None  # generations of `m3w store compact`: they moved images, added none
+    # Files and folders (relative paths) no generation from `generation` on points at, kept for the readers
+    # of earlier ones until vacuumed: [{"generation": G, "paths": [...]}], G the generation that superseded them
+    superseded: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.index_generations is None:
@@ -289,6 +310,8 @@ class StoreState:
             self.history = []
         if self.compactions is None:
             self.compactions = []
+        if self.superseded is None:
+            self.superseded = []
 
     @property
     def content_generation(self) -> int:
@@ -296,6 +319,9 @@ class StoreState:
         outputs built from the store depend on."""
         moved = set(self.compactions)
         return max((g for g in range(self.generation + 1) if g not in moved), default=0)
+
+    def superseded_paths(self) -> set[str]:
+        return {path for entry in self.superseded for path in entry["paths"]}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -307,6 +333,7 @@ class StoreState:
             "index_rows": self.index_rows,
             "history": self.history,
             "compactions": self.compactions,
+            "superseded": self.superseded,
         }
 
     @classmethod
@@ -328,6 +355,10 @@ class StoreState:
             index_rows=[int(n) for n in data["index_rows"]],
             history=list(data.get("history") or []),
             compactions=[int(g) for g in data.get("compactions") or []],
+            superseded=[
+                {"generation": int(e["generation"]), "paths": [str(p) for p in e["paths"]]}
+                for e in data.get("superseded") or []
+            ],  # fmt: skip
         )
 
     def dumps(self) -> bytes:

@@ -59,23 +59,32 @@ def shards_group() -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--images", "store", required=True, help="Image store (a folder or a URL).")
 @click.option("--name", default="m3w", show_default=True, help="Shard file name prefix.")
+@click.option("--store-generation", type=click.IntRange(min=0), default=None,
+              help="Read this generation of the image store (default: the current one; an earlier one until it "
+                   "is vacuumed, `m3w store info`).")  # fmt: skip
 @_shards_options
-def m3w_cmd(inputs, store, name, config, workers, ray_address, out) -> None:
+def m3w_cmd(inputs, store, name, store_generation, config, workers, ray_address, out) -> None:
     """Filtered documents (INPUTS: parquet files or folders, local or URLs) → M3W window shards in OUT/m3w/."""
     from m3w.pipeline.shards.interleaved import run_m3w_shards
 
-    _report(run_m3w_shards(inputs, store, out, config, name=name, workers=workers, ray_address=ray_address))
+    _report(run_m3w_shards(inputs, store, out, config, name=name, store_generation=store_generation,
+                           workers=workers, ray_address=ray_address))  # fmt: skip
 
 
 @shards_group.command("pairs")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--images", "store", required=True, help="Image store (a folder or a URL).")
+@click.option("--store-generation", type=click.IntRange(min=0), default=None,
+              help="Read this generation of the image store (default: the current one; an earlier one until it "
+                   "is vacuumed, `m3w store info`).")  # fmt: skip
 @_shards_options
-def pairs_cmd(inputs, store, config, workers, ray_address, out) -> None:
+def pairs_cmd(inputs, store, store_generation, config, workers, ray_address, out) -> None:
     """Filtered documents → alt-text pairs (OUT/alt_pairs/) and caption pairs (OUT/caption_pairs/)."""
     from m3w.pipeline.shards.pairs import run_pair_shards
 
-    _report(*run_pair_shards(inputs, store, out, config, workers=workers, ray_address=ray_address).values())
+    results = run_pair_shards(inputs, store, out, config, store_generation=store_generation, workers=workers,
+                              ray_address=ray_address)  # fmt: skip
+    _report(*results.values())
 
 
 @shards_group.command("video")

@@ -22,22 +22,39 @@ from m3w.pipeline.shards.samples import (
 )
 from m3w.pipeline.shards.writing import Dataset, open_datasets, run_stage, unit_config
 from m3w.pipeline.windows import decode, document_sequence, make_windows
+from m3w.schemas import images as spec
 from m3w.schemas.documents import iter_documents
 
 DOCUMENTS_PER_READ = 64  # documents whose images are read from the store in one batch of range reads
 
 
-def document_units(inputs: Iterable[str | Path], store: str) -> list[tuple[str, dict]]:
+def document_units(inputs: Iterable[str | Path], store: str, generation: int) -> list[tuple[str, dict]]:
+    """One unit per input file, each reading the store as it was at `generation`."""
     files = input_files(inputs)
     if not files:
         raise UserError("no parquet input files found")
-    return [(uid, {"input": f, "store": store}) for f, uid in files]
+    return [(uid, {"input": f, "store": store, "store_generation": generation}) for f, uid in files]
 
 
-def stored_images(store: ImageStore, docs: list[dict]) -> dict[str, BlobRef]:
-    """url → where its image lies, for every image of `docs` the store holds as usable."""
+def planned_store(store: str, generation: int | None) -> spec.StoreState:
+    """The store generation a shards run reads, whole, whatever generations commit while it runs (their
+    superseded files stay for it, `schemas.images`): `generation`, or the current one."""
+    image_store = ImageStore(store)
+    return image_store.state() if generation is None else image_store.state_at(generation)
+
+
+def unit_store(args: dict) -> tuple[ImageStore, spec.StoreState]:
+    """A unit's store and the state of the generation its run planned on."""
+    store = ImageStore(args["store"])
+    return store, store.state_at(args["store_generation"])
+
+
+def stored_images(
+    store: ImageStore, docs: list[dict], state: spec.StoreState | None = None
+) -> dict[str, BlobRef]:
+    """url → where its image lies, for every image of `docs` the store (at `state`) holds as usable."""
     urls = {n["url"] for d in docs for n in d["nodes"] if n["kind"] == "image" and n.get("url")}
-    return store.usable(urls) if urls else {}
+    return store.usable(urls, state) if urls else {}
 
 
 def m3w_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
@@ -45,9 +62,9 @@ def m3w_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
     config = unit_config(args)
     tok, tok_info = cached_tokenizer(config.tokenizer)
     counts: Counter = Counter()
-    store = ImageStore(args["store"])
+    store, state = unit_store(args)
     docs = list(iter_documents(args["input"]))
-    refs = stored_images(store, docs)
+    refs = stored_images(store, docs, state)
     image_keys = {url: url for url in refs}  # windows carry the URL; its bytes are read when written
     (out,) = open_datasets(args, counts).values()
     with out:
@@ -66,19 +83,13 @@ def m3w_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
                     )
                     batch.append((sample_key(doc["doc_id"], window.index), sample, window.images))
             wanted = sorted({url for _, _, urls in batch for url in urls})
-            media = dict(zip(wanted, store.read_blobs([refs[u] for u in wanted])))
+            media = dict(zip(wanted, store.read_blobs([refs[u] for u in wanted], state)))
             for key, sample, urls in batch:
                 if out.add(key, sample, [media[u] for u in urls]):
                     counts["samples"] += 1
                     counts["tokens"] += len(sample["input_ids"])
                     counts["images"] += len(urls)
     return {"m3w": out.shards()}, dict(counts)
-
-
-def store_generation(store: str | Path) -> int:
-    """The store's last generation that changed its content: shards are rebuilt when new images arrived, not
-    when a compaction moved them."""
-    return ImageStore(str(store)).state().content_generation
 
 
 UNIT_SETTINGS = {"m3w": "windows", "pairs": "pairs", "video": "video"}
@@ -100,13 +111,16 @@ def run_m3w_shards(
     config: ShardsConfig | None = None,
     *,
     name: str = "m3w",
+    store_generation: int | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict:
-    """filtered/ parquet + image store → `out/m3w/<name>-<unit>-NNNNNN.tar` + `shards.json`. Returns the
-    manifest (plus `unit_failures`)."""
+    """filtered/ parquet + image store (at `store_generation`, default the current one) →
+    `out/m3w/<name>-<unit>-NNNNNN.tar` + `shards.json`. Returns the manifest (plus `unit_failures`)."""
     config = config or ShardsConfig()
     store = io.absolute(store)
-    config_hash = units_hash(config, "m3w", name, store_generation(store))
-    return run_stage("m3w", m3w_unit, document_units(inputs, store), [Dataset("m3w", name)], io.absolute(out), config,
-                     config_hash, workers=workers, ray_address=ray_address)["m3w"]  # fmt: skip
+    state = planned_store(store, store_generation)
+    # Shards depend on what the store holds: rebuilt when new images arrived, not when a compaction moved them.
+    config_hash = units_hash(config, "m3w", name, state.content_generation)
+    return run_stage("m3w", m3w_unit, document_units(inputs, store, state.generation), [Dataset("m3w", name)],
+                     io.absolute(out), config, config_hash, workers=workers, ray_address=ray_address)["m3w"]  # fmt: skip

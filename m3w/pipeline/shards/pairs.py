@@ -7,9 +7,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from m3w.pipeline import io
-from m3w.pipeline.imagestore import ImageStore
 from m3w.pipeline.shards.config import ShardsConfig
-from m3w.pipeline.shards.interleaved import document_units, store_generation, stored_images, units_hash
+from m3w.pipeline.shards.interleaved import (
+    document_units,
+    planned_store,
+    stored_images,
+    unit_store,
+    units_hash,
+)
 from m3w.pipeline.shards.samples import (
     cached_tokenizer,
     pair_ids,
@@ -40,9 +45,9 @@ def pairs_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
     tok, tok_info = cached_tokenizer(config.tokenizer)
     specials = special_strings(tok)
     counts: Counter = Counter()
-    store = ImageStore(args["store"])
+    store, state = unit_store(args)
     docs = list(iter_documents(args["input"]))
-    refs = stored_images(store, docs)
+    refs = stored_images(store, docs, state)
     outs = open_datasets(args, counts)
     with outs["alt_pairs"], outs["caption_pairs"]:
         for doc in docs:
@@ -79,7 +84,7 @@ def pairs_unit(args: dict) -> tuple[dict[str, list], dict[str, int]]:
                     counts[f"{dataset}.truncated"] += truncated
                     prov = provenance(doc, node_indices, 0, image_url=node["url"])
                     sample = sample_json(dataset, ids, decode(tok, ids), 1, tok_info, prov)
-                    image = image if image is not None else store.read_blob(ref)
+                    image = image if image is not None else store.read_blobs([ref], state)[0]
                     if outs[dataset].add(sample_key(doc["doc_id"], node["node_index"]), sample, [image]):
                         counts[f"{dataset}.samples"] += 1
                         counts[f"{dataset}.tokens"] += len(ids)
@@ -92,13 +97,16 @@ def run_pair_shards(
     out: str | Path,
     config: ShardsConfig | None = None,
     *,
+    store_generation: int | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, dict]:
-    """filtered/ + image store → `out/alt_pairs/` and `out/caption_pairs/` shard sets."""
+    """filtered/ + image store (at `store_generation`, default the current one) → `out/alt_pairs/` and
+    `out/caption_pairs/` shard sets."""
     config = config or ShardsConfig()
     store = io.absolute(store)
+    state = planned_store(store, store_generation)
     datasets = [Dataset(d, d, config.pairs.dedup) for d in PAIR_DATASETS]
-    config_hash = units_hash(config, "pairs", "pairs", store_generation(store))
-    return run_stage("pairs", pairs_unit, document_units(inputs, store), datasets, io.absolute(out), config,
-                     config_hash, workers=workers, ray_address=ray_address)  # fmt: skip
+    config_hash = units_hash(config, "pairs", "pairs", state.content_generation)
+    return run_stage("pairs", pairs_unit, document_units(inputs, store, state.generation), datasets,
+                     io.absolute(out), config, config_hash, workers=workers, ray_address=ray_address)  # fmt: skip
