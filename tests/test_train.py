@@ -171,6 +171,11 @@ def test_optimizer_gets_only_trainable_params_with_decay_on_matrices(tiny_model)
     assert all(p.ndim < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
     gates = [p for n, p in tiny_model.trainable_parameters() if "gate" in n]
     assert gates and all(any(g is p for p in groups[1]["params"]) for g in gates)
+    with_gate_lr = param_groups(tiny_model, 0.1, gate_lr=0.5)
+    assert [id(p) for p in with_gate_lr[2]["params"]] == [id(g) for g in gates] and with_gate_lr[2][
+        "lr"
+    ] == 0.5
+    assert not any(g is p for group in with_gate_lr[:2] for p in group["params"] for g in gates)
 
 
 def test_schedule_warmup_then_cosine_or_linear():

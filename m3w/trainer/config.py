@@ -73,6 +73,7 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
     warmup_steps: int = 5000  # paper: linear warmup over 5k steps
     min_lr_ratio: float = 0.0  # floor of the decay as a fraction of lr
+    gate_lr: float | None = None  # the tanh gates' own lr (they start closed at 0); null: lr, as the paper
 
 
 @dataclass

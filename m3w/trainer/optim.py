@@ -12,12 +12,19 @@ from m3w.trainer.config import OptimConfig, TrainConfig
 from m3w.trainer.distributed import unwrap
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Only trainable parameters; weight decay on matrices (≥ 2-d), none on biases, norms, gates, scalars."""
-    decay, no_decay = [], []
-    for _, p in model.trainable_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, gate_lr: float | None = None) -> list[dict[str, Any]]:
+    """Only trainable parameters; weight decay on matrices (≥ 2-d), none on biases, norms, gates, scalars. With
+    `gate_lr`, the tanh gates form a third group with that learning rate."""
+    decay, no_decay, gates = [], [], []
+    for name, p in model.trainable_parameters():
+        if gate_lr is not None and name.endswith("_gate"):
+            gates.append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
+    return groups
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -35,7 +42,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     """AdamW and its LambdaLR schedule. Build it after wrapping: FSDP replaces parameters by shards."""
     opt = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(unwrap(model), opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=False
+        param_groups(unwrap(model), opt.weight_decay, opt.gate_lr),
+        lr=opt.lr,
+        betas=opt.betas,
+        eps=opt.eps,
+        fused=False,
     )
 
     def schedule(step: int) -> float:
