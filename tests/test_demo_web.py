@@ -177,12 +177,35 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
     (tmp_path / "excluded").mkdir()  # the filter's other outputs sit in subdirectories and are not read
     pq.write_table(pa.table({"doc_id": ["x"]}), tmp_path / "excluded" / "unit.parquet")
     assert document_texts(tmp_path) == [text] * 4
-    lm_dir = pretrain_lm(tmp_path, tmp_path / "lm-out", steps=30, seq_len=16, batch=4, lr=1e-2)
+    lm_dir = pretrain_lm(tmp_path, tmp_path / "lm-out", steps=30, seq_len=16, batch=4, drills=2, lr=1e-2)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     from m3w.pipeline.tokenizer import load_tokenizer
 
     ids = torch.tensor([load_tokenizer()(text, add_special_tokens=False)["input_ids"]])
     assert lm(input_ids=ids, labels=ids).loss.item() < 2.0  # it learned the text (random init: ~9)
+
+
+def test_naming_drills_show_each_name_after_its_picture_vector():
+    from m3w.demo.lm import NamingDrills
+    from m3w.pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    drills = NamingDrills(tok, dim=16, seed=0, pictures=6, noise=0.0)
+    for _ in range(5):
+        drill = drills()
+        text = tok.decode(drill.input_ids)
+        names = re.findall(r"This is a (\w+)\.", text)
+        assert len(names) == 6 and 2 <= len(set(names)) <= 3 and text.count("<image>") == 6
+        starts = [i for i, t in enumerate(drill.input_ids) if t == drills.media]
+        vectors = {name: drill.pictures[start] for name, start in zip(names, starts)}
+        for name, start in zip(names, starts):  # one vector per kind of picture, on every token of its chunk
+            end = starts[starts.index(start) + 1] if start != starts[-1] else len(drill.input_ids)
+            assert torch.equal(drill.pictures[start:end], vectors[name].expand(end - start, -1))
+        assert len({tuple(v.tolist()) for v in vectors.values()}) == len(set(names))
+        # the loss is on the names shown a second time: the tokens right after the targets spell them
+        again = [n for k, n in enumerate(names) if n in names[:k]]
+        shown = tok.decode([drill.input_ids[p + 1] for p in drill.targets]).replace(" ", "")
+        assert shown == "".join(again)
 
 
 def game_names(page: str) -> list[str]:

@@ -1,19 +1,32 @@
-"""A pretrained language model for the demo, made offline: the tiny LM pretrained on the crawl's own text.
+"""A pretrained language model for the demo, made offline: the tiny LM pretrained on the crawl's own text and on
+naming drills.
 
 Flamingo freezes a *pretrained* LM and trains only the resampler and the gated cross-attention. With no model
-hub at hand, the demo's stand-in for "download a pretrained LM" is this: take the tiny preset's random-init LM
-and pretrain it as a plain causal LM on the text of the filtered documents (about a minute on 2 cores), then
-hand it to `m3w train` as the frozen LM (`--set model.config.lm=DIR`). The tokenizer is m3w's default, the one
-the shards were made with.
+hub at hand, the demo's stand-in for "download a pretrained LM" is this: take the tiny preset's LM shape (with
+tied input and output embeddings, so that copying a token is the identity map) and pretrain it as a causal LM,
+then hand it to `m3w train` as the frozen LM (`--set model.config.lm=DIR`). The tokenizer is m3w's default, the
+one the shards were made with.
+
+Fast binding needs an LM that copies from its context: a pretrained LM's induction heads do that (Olsson et al.
+2022), but a tiny LM trained for a minute on a few hundred pages memorises the pages instead (it preferred a name
+it had seen in the context to a fresh one 23 times in 40). So each step also reads *naming drills*: the naming
+games' own surface form (`<EOC><image>This is a dakop.<EOC><image>This is a mizet.<EOC>...`) with fresh names,
+where every token of a picture's chunk carries a random vector standing in for the picture (one vector per kind
+of picture, fresh in every drill, with noise per picture), and the loss is on the names shown a second time.
+That is where Flamingo's cross-attention writes what it sees: its output is added to every token after an image,
+before the first LM layer. The LM learns to give the name whose picture-vector matches the current one; what
+the vectors are is left to Flamingo's training, which learns to write them from real pictures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from m3w.schemas.documents import iter_documents
 
@@ -30,53 +43,124 @@ def document_texts(filtered_dir: Path) -> list[str]:
     return texts
 
 
+@dataclasses.dataclass
+class Drill:
+    input_ids: list[int]
+    pictures: (
+        torch.Tensor
+    )  # [len(input_ids), dim]: the picture-vector each token carries (0 before the first)
+    targets: list[int]  # positions whose next token is part of a name shown before (the loss is there)
+
+
+class NamingDrills:
+    """Naming drills in the demo web's naming-game format (see the module docstring)."""
+
+    def __init__(self, tok, dim: int, seed: int, pictures: int = 10, noise: float = 0.3) -> None:
+        from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
+
+        self.tok, self.dim, self.pictures, self.noise = tok, dim, pictures, noise
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.eoc, self.media = tok.convert_tokens_to_ids(EOC_TOKEN), tok.convert_tokens_to_ids(MEDIA_TOKEN)
+        self.prefix = tok("This is a", add_special_tokens=False)["input_ids"]
+        self.stop = tok(".", add_special_tokens=False)["input_ids"]
+
+    def __call__(self) -> Drill:
+        from m3w.demo.web import made_up_name
+
+        kinds = self.rng.choice([2, 3])
+        names = [
+            self.tok(" " + made_up_name(self.rng), add_special_tokens=False)["input_ids"]
+            for _ in range(kinds)
+        ]
+        kind_vectors = torch.randn(kinds, self.dim, generator=self.gen)
+        order = list(range(kinds)) + [self.rng.randrange(kinds) for _ in range(self.pictures - kinds)]
+        self.rng.shuffle(order)
+        ids, vectors, targets, shown = [self.eoc], [torch.zeros(self.dim)], [], set()
+        for kind in order:
+            chunk = [self.media, *self.prefix, *names[kind], *self.stop, self.eoc]
+            name_start = len(ids) + 1 + len(self.prefix)
+            if kind in shown:
+                targets += range(name_start - 1, name_start - 1 + len(names[kind]))
+            shown.add(kind)
+            picture = kind_vectors[kind] + self.noise * torch.randn(self.dim, generator=self.gen)
+            ids += chunk
+            vectors += [picture] * len(chunk)
+        return Drill(ids, torch.stack(vectors), targets)
+
+
 def pretrain_lm(
     filtered_dir: Path,
     out_dir: Path,
-    steps: int = 200,
+    steps: int = 1200,
     seq_len: int = 128,
-    batch: int = 16,
-    lr: float = 3e-3,
+    batch: int = 4,
+    drills: int = 32,
+    lr: float = 1e-2,
     seed: int = 0,
 ) -> Path:
-    """Pretrain the tiny preset LM on the documents; returns the save_pretrained directory."""
+    """Pretrain the tiny preset's LM on the documents (`batch` windows of `seq_len` tokens per step) and on
+    `drills` naming drills per step; returns the save_pretrained directory."""
     from transformers import AutoModelForCausalLM
 
-    from m3w.model import build_preset
+    from m3w.model.presets import FROZEN_SHAPES, lm_config
     from m3w.pipeline.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
-    parts = build_preset("tiny", out_dir / "random")
-    tok = load_tokenizer(parts.tokenizer)
-    lm = AutoModelForCausalLM.from_pretrained(parts.lm)
+    tok = load_tokenizer()
+    shape = dataclasses.replace(FROZEN_SHAPES["tiny"][0], tie_embeddings=True)
+    lm = AutoModelForCausalLM.from_config(lm_config(shape, len(tok), tok.eos_token_id))
+    eoc = tok.convert_tokens_to_ids("<EOC>")
     stream: list[int] = []
     for text in document_texts(filtered_dir):
-        stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<EOC>")]
+        stream += tok(text, add_special_tokens=False)["input_ids"] + [eoc]
     chunks = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
+    make_drill = NamingDrills(tok, lm.config.hidden_size, seed)
+    embed = lm.get_input_embeddings()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     lm.train()
     for step in range(1, steps + 1):
         ids = chunks[rng.sample(range(len(chunks)), min(batch, len(chunks)))]
-        loss = lm(input_ids=ids, labels=ids).loss
-        loss.backward()
+        text_loss = lm(input_ids=ids, labels=ids).loss
+        drill_loss = naming_loss(lm, embed, [make_drill() for _ in range(drills)], eoc)
+        (text_loss + drill_loss).backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps:
-            print(f"lm pretrain step {step}/{steps} loss {loss.item():.3f}", flush=True)
+        if step % 100 == 0 or step == steps:
+            print(f"lm pretrain step {step}/{steps} loss: text {text_loss.item():.3f} "
+                  f"names shown again {drill_loss.item():.3f}", flush=True)  # fmt: skip
     target = out_dir / "lm"
     lm.save_pretrained(target)
     return target
+
+
+def naming_loss(lm, embed: torch.nn.Module, batch: list[Drill], pad_id: int) -> torch.Tensor:
+    """Next-token NLL at the drills' target positions only, the picture-vectors added to the token embeddings
+    (scaled to the embeddings' own RMS, which training moves). The LM head runs on those positions alone."""
+    length = max(len(d.input_ids) for d in batch)
+    ids = torch.full((len(batch), length), pad_id)
+    pictures = torch.zeros(len(batch), length, embed.embedding_dim)
+    rows, cols = [], []
+    for r, drill in enumerate(batch):
+        ids[r, : len(drill.input_ids)] = torch.tensor(drill.input_ids)
+        pictures[r, : len(drill.input_ids)] = drill.pictures
+        rows += [r] * len(drill.targets)
+        cols += drill.targets
+    scale = embed.weight.detach().pow(2).mean().sqrt()
+    hidden = lm.base_model(inputs_embeds=embed(ids) + scale * pictures).last_hidden_state
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    return F.cross_entropy(lm.get_output_embeddings()(hidden[rows_t, cols_t]), ids[rows_t, cols_t + 1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("filtered_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1200)
     args = parser.parse_args()
     print(pretrain_lm(args.filtered_dir, args.out, steps=args.steps))
 

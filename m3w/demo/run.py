@@ -5,8 +5,9 @@ and a verdict on whether the model it trains learns in context.
             questions), naming games that bind made-up names to pictures (fast binding), photo archive pages,
             and pages the filters must drop
 2. build    `m3w build`: extract → filter → images → shards (M3W windows, image-text pairs, video pairs), on Ray
-3. LM       the frozen LM: the tiny preset's LM pretrained on the corpus text (demo.lm; there is no model hub
-            offline, and Flamingo freezes a *pretrained* LM)
+3. LM       the frozen LM: the tiny preset's LM pretrained on the corpus text and on naming drills that teach it
+            to copy a name from its context (demo.lm; there is no model hub offline, and Flamingo freezes a
+            *pretrained* LM)
 4. train    `m3w train`: the four streams with the paper's loss weights, the LM frozen
 5. eval     `m3w eval`: fast binding at 0/1/2/4/8 shots on held-out episodes with held-out names; VQA and
             captioning; each with the images-shuffled control and 95% intervals over the items
@@ -264,8 +265,8 @@ def sample_blocks(shards: Path) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="m3w end-to-end demo")
     parser.add_argument("--out", default="demo-out")
-    parser.add_argument("--pages", type=int, default=300)
-    parser.add_argument("--lm-steps", type=int, default=200, help="pretraining steps of the frozen tiny LM")
+    parser.add_argument("--pages", type=int, default=360)
+    parser.add_argument("--lm-steps", type=int, default=1200, help="pretraining steps of the frozen tiny LM")
     parser.add_argument("--train-steps", type=int, default=300)
     args = parser.parse_args()
     os.environ.update(CHILD_ENV)
@@ -354,7 +355,8 @@ def make_report(out: Path, web: dict, args, evals: dict, checks, steps: Steps, t
         f"A synthetic crawl of {counts['pages']} pages ({counts.get('pages.binding', 0)} naming games, "
         f"{counts.get('pages.shapes', 0)} articles about drawn shapes, {counts.get('pages.photos', 0)} photo "
         f"pages with the webcorpus photographs, and pages made to be filtered out) went through `m3w build`; "
-        f"the tiny Flamingo (a 2-layer LM pretrained on the corpus text for {args.lm_steps} steps and frozen, a "
+        f"the tiny Flamingo (a 2-layer LM pretrained on the corpus text and on naming drills for {args.lm_steps} "
+        "steps and frozen, a "
         f"frozen vision tower, a trainable Perceiver Resampler and gated cross-attention) trained for "
         f"{args.train_steps} steps on the four streams with the paper's loss weights, then answered held-out "
         "few-shot questions. Every step is seeded and single-threaded: a re-run on this machine gives the same "

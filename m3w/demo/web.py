@@ -381,7 +381,7 @@ SECTIONS = {
 }
 # What the crawl holds, by page kind (weights): articles about drawn shapes, naming games (fast binding), photo
 # archive pages, and pages the filters should drop (tag lists, other languages, thin pages, duplicates).
-PAGE_KINDS = {"shapes": 52, "binding": 34, "photos": 12, "tags": 5, "foreign": 4, "thin": 3, "duplicate": 4}
+PAGE_KINDS = {"shapes": 52, "binding": 68, "photos": 12, "tags": 5, "foreign": 4, "thin": 3, "duplicate": 4}
 BINDING_PICTURES = 5  # pictures per naming game: the paper's N = 5 images per M3W window
 
 
@@ -586,6 +586,8 @@ class WebBuilder:
         pages: list[Page] = []
         for i in range(self.pages):
             kind = rng.choices(list(PAGE_KINDS), weights=list(PAGE_KINDS.values()))[0]
+            if i == self.pages - 2 and "pages.photos" not in self.counts:
+                kind = "photos"  # the webcorpus photographs are on every web, however small
             if i == self.pages - 1 and "pages.duplicate" not in self.counts:
                 kind = "duplicate"  # every crawl holds copies: a small web gets at least one
             if kind == "duplicate" and pages:
