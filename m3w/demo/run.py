@@ -135,11 +135,18 @@ def serve(directory: Path, preferred_port: int = 0):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+# The web's URLs hold its port, and the corpus follows from the URLs (document ids, image keys, shard order, so the
+# order training reads it in): a fresh run serves on this port when it is free, so that two fresh runs on one
+# machine train on the same data and print the same numbers.
+DEMO_PORT = 18492
+
+
 def previous_port(web_dir: Path) -> int:
+    """The port of the previous run in this folder, else DEMO_PORT."""
     try:
         return int(json.loads((web_dir / "web.json").read_text())["base_url"].rsplit(":", 1)[1])
     except (OSError, ValueError, KeyError, IndexError):
-        return 0
+        return DEMO_PORT
 
 
 # ---- verdict ---------------------------------------------------------------------------------------------------
