@@ -231,6 +231,16 @@ def run_train(config: Path, *args: str, **popen) -> subprocess.Popen:
     )
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, checkpoint: str) -> None:
+    """SIGKILL a training run right after it reports storing `checkpoint`."""
+    for line in proc.stdout:
+        if checkpoint in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_exact_resume_after_sigkill(tiny_dir, data, tmp_path):
     """20 steps straight == 10 steps, SIGKILL, --resume to 20: same losses, same final trainable weights."""
     dsets = datasets(data, m3w={"num_workers": 2, "shuffle_buffer": 8}, caption_pairs={"num_workers": 1})
@@ -242,13 +252,7 @@ def test_exact_resume_after_sigkill(tiny_dir, data, tmp_path):
 
     killed = tmp_path / "killed"
     config = write_config(tmp_path / "b.yaml", tiny_dir, killed, dsets, **extra)
-    proc = run_train(config)
-    for line in proc.stdout:  # kill right after the step-10 checkpoint is written
-        if "step-00000010.pt" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(run_train(config), "step-00000010.pt")
     assert max(r["step"] for r in metrics(killed)) < 20, "the run finished before it was killed"
     proc = run_train(config)  # a fresh start would overwrite the interrupted run: refused
     out, _ = proc.communicate(timeout=120)
@@ -347,13 +351,7 @@ def test_checkpoints_on_s3_resume_like_a_local_run(tiny_dir, data, s3_bucket, tm
 
     output = io.join(remote, "run")
     config = write_config(tmp_path / "b.yaml", tiny_dir, output, dsets, **extra)
-    proc = run_train(config)
-    for line in proc.stdout:  # killed right after the step-4 checkpoint is stored
-        if "step-00000004.pt" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(run_train(config), "step-00000004.pt")
     assert [Path(p).name for p in list_checkpoints(output)] == ["step-00000004.pt"]
     proc = run_train(config, "--resume")
     out, _ = proc.communicate(timeout=300)
