@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import io as bytes_io
 import random
 import re
 import sys
@@ -94,8 +93,8 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], ke
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    source = bytes_io.BytesIO(io.read_bytes(path)) if io.is_remote(path) else path
-    return torch.load(source, map_location="cpu", weights_only=True)
+    with io.open_input(path) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
