@@ -289,13 +289,6 @@ def unit_blob_folders(store: ImageStore, state: spec.StoreState) -> list[int]:
                   and spec.blob_generation_relpath(g) not in superseded)  # fmt: skip
 
 
-def _folder_bytes(url: str) -> int:
-    fs, path = io.url_to_fs(url)
-    if io.is_remote(url):
-        fs.invalidate_cache(path)
-    return sum(int(info["size"]) for info in fs.find(path, detail=True).values())
-
-
 def _check(summary: Any, step: str) -> None:
     if summary.failed:
         raise RuntimeError(f"store compaction, {step}: {summary.failures}")
@@ -324,7 +317,9 @@ def compact_store(
             io.remove_tree(store.url(relpath))  # a killed compaction's files: never committed
         folders = unit_blob_folders(store, state)
         counts = {
-            "bytes_before": sum(_folder_bytes(store.url(spec.blob_generation_relpath(g))) for g in folders)
+            "bytes_before": sum(
+                sum(io.find_files(store.url(spec.blob_generation_relpath(g))).values()) for g in folders
+            )
         }
         if not folders:
             vacuum(store, retain_generations)
@@ -366,7 +361,9 @@ def compact_store(
         counts.update(decided.counts)
         counts.update(copied.counts)
         counts["records_moved"] = indexed.counts["records_moved"]
-        counts["bytes_after"] = _folder_bytes(store.url(spec.blob_generation_relpath(generation)))
+        counts["bytes_after"] = sum(
+            io.find_files(store.url(spec.blob_generation_relpath(generation))).values()
+        )
         counts["bytes_saved"] = counts["bytes_before"] - counts["bytes_after"]
         new = replace(state, generation=generation, index_generations=list(state.index_generations),
                       index_rows=list(state.index_rows), history=list(state.history),

@@ -305,10 +305,7 @@ class ImageStore:
 
     def files(self) -> list[str]:
         """Every file of the store (relative paths), for accounting."""
-        fs, root = io.url_to_fs(self.root)
-        if io.is_remote(self.root):
-            fs.invalidate_cache(root)
-        return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
+        return sorted(io.find_files(self.root))
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -160,6 +160,12 @@ def version_of(url: str | Path) -> str:
     return f"{info.get('size')}-{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
 
 
+def find_files(url: str | Path) -> dict[str, int]:
+    """Every file under the folder `url`, as {path relative to `url`: size in bytes}; {} when it is absent."""
+    fs, path = _fresh(url)
+    return {p[len(path) :].lstrip("/"): int(info["size"]) for p, info in fs.find(path, detail=True).items()}
+
+
 def size(url: str | Path) -> int:
     fs, path = url_to_fs(url)
     return int(fs.size(path))
