@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines: torch==2.13.0 (a CPU wheel where the package index provides one). GPU machines: override, e.g.
 # `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# uv installs (tools/uv_install.py: parallel downloads, from the package sources pip is configured with).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.m3w-installed
 export RAY_USAGE_STATS_ENABLED := 0
@@ -18,9 +19,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python tools/uv_install.py $(TORCH_SPEC)
+	$(BIN)/python tools/uv_install.py -e '.[dev]'
 	touch $(STAMP)
 
 test: setup
@@ -50,8 +50,8 @@ bench: setup $(OPENFLAMINGO)
 	$(BIN)/python bench/train_step.py
 
 lint: setup
-	$(BIN)/ruff check m3w tests bench
-	$(BIN)/ruff format --check m3w tests bench
+	$(BIN)/ruff check m3w tests bench tools
+	$(BIN)/ruff format --check m3w tests bench tools
 
 clean:
 	rm -rf $(VENV) .venv-img2dataset .venv-openflamingo demo-out bench-out
