@@ -96,6 +96,30 @@ def test_captioning_reports_the_held_out_caption_loss(tiny):
     assert loss["ratio"] == pytest.approx(loss["real"] / loss["shuffled"])
 
 
+@pytest.mark.parametrize(
+    "task, settings",
+    [
+        ("binding", {"shots": (0, 2)}),
+        ("vqa", {"shots": (0, 2), "num_beams": 1}),
+        ("captioning", {"shots": (2,), "num_beams": 3, "max_new_tokens": 6}),
+    ],
+)
+def test_items_run_together_score_as_they_do_one_by_one(tiny, task, settings):
+    """Items whose prompts have one length run as one batch (ranking, greedy decoding, beam search): every
+    prediction and score is the one the item gets alone, to the last digit."""
+    model, _, eval_root = tiny
+    data = {"binding": "binding", "vqa": "vqa/query", "captioning": "captioning/query"}[task]
+
+    def results(batch_size: int) -> list[dict]:
+        chosen = EvalSettings(task, shuffle_images=True, batch_size=batch_size, **settings)
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in evaluate(model, chosen, eval_root / data)["results"]
+        ]
+
+    assert results(batch_size=1) == results(batch_size=16)
+
+
 def test_rices_puts_the_visually_closest_example_last(tiny):
     model, _, eval_root = tiny
     data = load_image_folder(eval_root / "classification" / "support")

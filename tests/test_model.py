@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from m3w.model import Flamingo, FlamingoConfig, build_preset
 from m3w.model.flamingo import autocast_dtype
-from m3w.model.generation import generate, score
+from m3w.model.generation import generate, score, score_prompts
 from m3w.model.presets import LMShape, VisionShape, write_random_parts
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox"]
@@ -535,6 +535,25 @@ def test_score_equals_full_forward_log_likelihood(opened):
     assert normalised[1].item() == pytest.approx(scores[1].item() / len(candidates[1]), abs=1e-5)
     with pytest.raises(ValueError, match="<image>"):
         score(opened, ids, [[opened.media_token_id]], images)
+
+
+def test_prompts_scored_together_get_the_numbers_they_get_alone(opened):
+    """score_prompts runs prompts of one length as one batch and every candidate of every prompt as another
+    (right-padded to the longest candidate of all): each prompt's scores are bit for bit its own `score`."""
+    texts = ["<image> a photo of a", "<image> the photo of a", "<image> a picture of a"]
+    rows = [encode(opened, [text])[0] for text in texts]
+    assert len({row.shape[1] for row in rows}) == 1, "the test needs prompts of one length"
+    images = images_for(len(texts), 1, seed=3)
+    candidates = [
+        [opened.tokenizer(" cat").input_ids, opened.tokenizer(" very big dog").input_ids],
+        [[5], opened.tokenizer(" red square on a table").input_ids, [9, 11]],
+        [opened.tokenizer(" tree").input_ids],
+    ]
+    together = score_prompts(opened, torch.cat(rows), candidates, images)
+    for row, image, options, got in zip(rows, images, candidates, together):
+        assert torch.equal(got, score(opened, row, options, image))
+    with pytest.raises(ValueError, match="one candidate per prompt"):
+        score_prompts(opened, torch.cat(rows), candidates[:2], images)
 
 
 # ---- torch.compile, CLI ----------------------------------------------------------------------------------------

@@ -217,17 +217,40 @@ def score(
     prompt = torch.as_tensor(prompt_ids).view(1, -1)
     if images is not None and images.dim() == 5:
         images = images[None]  # [N, T, C, H, W] for the one prompt
-    options = [torch.as_tensor(c, dtype=torch.long, device=prompt.device).view(-1) for c in candidates]
-    if not options or any(len(c) == 0 for c in options):
-        raise ValueError("score needs at least one candidate, and no empty candidate")
-    if any((c == model.media_token_id).any() for c in options):
+    return score_prompts(model, prompt, [candidates], images, media_mask, normalize)[0]
+
+
+@torch.no_grad()
+def score_prompts(
+    model: Flamingo,
+    prompt_ids: torch.Tensor,
+    candidates: list[list],
+    images: torch.Tensor | None = None,
+    media_mask: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> list[torch.Tensor]:
+    """`score` for B prompts at once: prompt_ids [B, L], candidates[b] the candidates of prompt b, images
+    [B, N, T, C, H, W] → one [C_b] tensor per prompt. The prompts are run as one batch, then every candidate of
+    every prompt as one batch on its prompt's cache. Prompts of one length need no padding: each prompt's
+    numbers are then those it gets on its own."""
+    prompts = torch.as_tensor(prompt_ids)
+    device = prompts.device
+    options = [
+        [torch.as_tensor(c, dtype=torch.long, device=device).view(-1) for c in cs] for cs in candidates
+    ]
+    flat = [c for cs in options for c in cs]
+    if len(options) != len(prompts) or any(not cs for cs in options) or any(len(c) == 0 for c in flat):
+        raise ValueError("score needs at least one candidate per prompt, and no empty candidate")
+    if any((c == model.media_token_id).any() for c in flat):
         raise ValueError("a candidate contains <image>: candidates are text continuations of the prompt")
-    decoder = Decoder(model, prompt, None, images, media_mask)
-    decoder.select(torch.zeros(len(options), dtype=torch.long, device=prompt.device))
+    decoder = Decoder(model, prompts, None, images, media_mask)
+    owner = [b for b, cs in enumerate(options) for _ in cs]  # the prompt of each candidate row
+    decoder.select(torch.tensor(owner, dtype=torch.long, device=device))
     first = decoder.logits[:, None]  # the prompt's last position predicts each candidate's first token
-    tokens = torch.nn.utils.rnn.pad_sequence(options, batch_first=True)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(c) for c in options], batch_first=True)
+    tokens = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(c) for c in flat], batch_first=True)
     logits = torch.cat([first, decoder.extend(tokens, mask)[:, :-1]], dim=1)
     token_logprobs = F.log_softmax(logits.float(), dim=-1).gather(2, tokens[..., None])[..., 0] * mask
     total = token_logprobs.sum(1)
-    return total / mask.sum(1) if normalize else total
+    totals = total / mask.sum(1) if normalize else total
+    return list(totals.split([len(cs) for cs in options]))

@@ -14,6 +14,9 @@ item's image (binding: every image of every episode moves to another episode): a
 must do worse there. Support examples come from `--support` (default: the query set itself, never the query item)
 at random (seeded per query) or by RICES.
 
+Query items whose prompts have the same numbers of tokens and images run as one batch (`--batch-size`): with no
+padding, each gets the very numbers it gets alone.
+
 Every score comes with a 95% confidence interval over the items (Wilson for accuracy, a seeded bootstrap for
 CIDEr and VQA accuracy), and ranking tasks with chance: what a uniform guesser scores, with its 95% range.
 """
@@ -69,12 +72,15 @@ class EvalSettings:
     max_new_tokens: int | None = None  # None: 20 for captioning, 5 for VQA
     limit: int | None = None  # score only the first N query items
     seed: int = 0
+    batch_size: int = 16  # query items run together (those whose prompts have the same length)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; one of {TASKS}")
         if any(k < 0 for k in self.shots):
             raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         self.prompt = DEFAULT_PROMPTS[self.task] if self.prompt is None else self.prompt
         self.max_new_tokens = self.max_new_tokens or MAX_NEW_TOKENS.get(self.task)
 
@@ -164,18 +170,43 @@ class Evaluator:
         support, text_only = self.choose_support(query, shots)
         return build_prompt(self.settings.prompt, query, support, text_only)
 
+    def candidate(self, name: str) -> list[int]:
+        """A name's tokens as they follow the prompt: encode "x name" and drop "x", so tokenizers that attach the
+        separating space to the next word (BPE, SentencePiece) give the in-context tokens."""
+        return self.encode(with_answer("x", name))[0, 1:].tolist()
+
     @torch.no_grad()
-    def predict(self, query: Example, shots: int) -> str:
-        prompt = self.prompt(query, shots)
-        ids = self.encode(prompt.text)
-        images = self.media(prompt.images)
+    def predict_all(self, queries: list[Example], shots: int, label: str) -> dict[str, str]:
+        """Every query's prediction, in query order. Queries whose prompts have the same numbers of tokens and
+        images run as one batch (at most `batch_size`): without padding each item gets the very numbers it gets
+        on its own, whereas left padding would move the attention's sums in the last bits."""
+        prompts = [self.prompt(ex, shots) for ex in queries]
+        ids = [self.encode(p.text) for p in prompts]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (prompt, tokens) in enumerate(zip(prompts, ids)):
+            groups.setdefault((tokens.shape[1], len(prompt.images)), []).append(i)
+        predictions: dict[int, str] = {}
+        size = self.settings.batch_size
+        with tqdm(
+            total=len(queries), desc=label, unit="item", file=sys.stderr, leave=False, mininterval=1.0
+        ) as bar:
+            for members in groups.values():
+                for start in range(0, len(members), size):
+                    chunk = members[start : start + size]
+                    batch = torch.cat([ids[i] for i in chunk])
+                    images = torch.cat([self.media(prompts[i].images) for i in chunk])
+                    answers = self.predict_batch([queries[i] for i in chunk], batch, images)
+                    predictions.update(zip(chunk, answers))
+                    bar.update(len(chunk))
+        return {ex.id: predictions[i] for i, ex in enumerate(queries)}
+
+    def predict_batch(self, queries: list[Example], ids: torch.Tensor, images: torch.Tensor) -> list[str]:
+        """Predictions for prompts of one length: ids [B, L], images [B, N, T=1, C, H, W]."""
         if self.settings.task in RANKED:
-            names = list(query.choices or self.classes)
-            # A name's tokens as they follow the prompt: encode "x name" and drop "x", so tokenizers that
-            # attach the separating space to the next word (BPE, SentencePiece) give the in-context tokens.
-            candidates = [self.encode(with_answer("x", name))[0, 1:].tolist() for name in names]
-            scores = generation.score(self.model, ids, candidates, images)
-            return names[int(torch.as_tensor(scores).argmax())]
+            names = [list(query.choices or self.classes) for query in queries]
+            candidates = [[self.candidate(name) for name in row] for row in names]
+            scores = generation.score_prompts(self.model, ids, candidates, images)
+            return [row[int(row_scores.argmax())] for row, row_scores in zip(names, scores)]
         out = generation.generate(
             self.model,
             ids,
@@ -184,12 +215,18 @@ class Evaluator:
             max_new_tokens=self.settings.max_new_tokens,
             num_beams=self.settings.num_beams,
         )  # stops at <EOC> (or the LM's end of text)
-        new_tokens = out.sequences[0, ids.shape[1] :].tolist()
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        if self.settings.task == "vqa":
-            return short_answer(text)
-        # The answer is the first line of the continuation (beam search may run into a new prompt).
-        return text.strip().split("\n")[0].strip()
+        ends = {self.model.eoc_token_id, self.tokenizer.eos_token_id}
+        answers = []
+        for row in out.sequences[:, ids.shape[1] :].tolist():
+            # up to the row's end token: a batch pads the rows that end before the others
+            new_tokens = row[: next((i + 1 for i, token in enumerate(row) if token in ends), len(row))]
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            # VQA: the short answer; otherwise the first line of the continuation (beam search may run into a
+            # new prompt)
+            answers.append(
+                short_answer(text) if self.settings.task == "vqa" else text.strip().split("\n")[0].strip()
+            )
+        return answers
 
     # ---- one setting -----------------------------------------------------------------------------------------
     def selection(self, shots: int) -> str:
@@ -202,10 +239,7 @@ class Evaluator:
         queries = shuffled_images(self.queries, self.settings.seed) if shuffled else self.queries
         truth = {ex.id: ex.answers for ex in self.queries}  # answers of the item, whatever image it shows
         label = f"{self.settings.task} {shots}-shot {'shuffled' if shuffled else 'real'}"
-        predictions = {
-            ex.id: self.predict(ex, shots)
-            for ex in tqdm(queries, desc=label, unit="item", file=sys.stderr, leave=False, mininterval=1.0)
-        }
+        predictions = self.predict_all(queries, shots, label)
         task = self.settings.task
         if task == "captioning":
             score, per_item = cider_d(predictions, {k: list(v) for k, v in truth.items()})
@@ -400,6 +434,12 @@ def log_tensorboard(report: dict[str, Any], run_dir: str | Path) -> None:
 @click.option("--max-new-tokens", type=int, default=None, help="Default: 20 for captioning, 5 for VQA.")
 @click.option("--limit", type=int, default=None, help="Score only the first N query items.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--batch-size",
+    default=EvalSettings.batch_size,
+    show_default=True,
+    help="Query items run together (prompts of one length).",
+)
 @click.option("--out", type=click.Path(), default=None, help="Write the results JSON here.")
 @click.option(
     "--tensorboard",
@@ -422,6 +462,7 @@ def eval_cmd(
     max_new_tokens,
     limit,
     seed,
+    batch_size,
     out,
     tensorboard_dir,
 ):
@@ -438,6 +479,7 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         limit=limit,
         seed=seed,
+        batch_size=batch_size,
     )
     torch.manual_seed(seed)
     model = Flamingo.from_pretrained(model_dir)
