@@ -1,4 +1,4 @@
-# m3w: `make demo` and `make test` each install everything first, so each is one command on a fresh machine.
+# m3w: `make demo` and `make test` each install what they need first, so each is one command on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 # uv installs (tools/uv_install.py: parallel downloads, from the package sources pip is configured with).
 TORCH_SPEC ?= torch==2.13.0
+# `make demo` needs torch and the package; `make test` (setup) also the dev extra (pytest, ruff, moto, s3fs).
+RUNTIME_STAMP := $(VENV)/.m3w-runtime
 STAMP := $(VENV)/.m3w-installed
 export RAY_USAGE_STATS_ENABLED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -17,9 +19,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python tools/uv_install.py $(TORCH_SPEC)
+	$(BIN)/python tools/uv_install.py -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python tools/uv_install.py -e '.[dev]'
 	touch $(STAMP)
 
@@ -27,11 +33,11 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Exits non-zero when the demo's own verdict fails (and says which check).
-demo: setup
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python -m m3w.demo.run --out demo-out
 
 # The demo report as a browser shows it, in headless Chromium (apt-get install chromium): demo-out/report.png
-demo-screenshot: setup
+demo-screenshot: $(RUNTIME_STAMP)
 	$(BIN)/python -m m3w.demo.screenshot demo-out/report.html demo-out/report.png
 
 # The anchors bench/model_step.py measures against, kept out of .venv (bench/images.py makes its img2dataset venv).
