@@ -1,7 +1,8 @@
-"""The wheel: one `m3w` package with its configs as package data, importable outside the checkout.
+"""The wheel: one `m3w` package with its configs as package data and its compiled DOM walk, importable outside
+the checkout.
 
 Built with `pip wheel` from a clean copy of the source and installed with pip into a fresh venv, offline: no
-build isolation (the dev venv's setuptools), `--no-deps`, and the dev venv's site-packages appended to the fresh
+build isolation (the dev venv's setuptools and Cython), `--no-deps`, and the dev venv's site-packages appended to the fresh
 venv's path for the dependencies (a plain path entry: the editable install of this checkout that it holds is not
 activated).
 """
@@ -28,13 +29,16 @@ assert load_tokenizer().convert_tokens_to_ids(["<image>", "<EOC>"]) == [2, 3]  #
 """
 
 
+BUILT = ("*.so", "html_walk.c")  # what an in-place build of the compiled walk leaves in the checkout
+
+
 def clean_source(into: Path) -> Path:
     """What the wheel is built from, without a checkout's build/ and *.egg-info (setuptools would take files
     from those that the package data rules no longer name)."""
     into.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, into / name)
-    shutil.copytree(ROOT / "m3w", into / "m3w", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(ROOT / "m3w", into / "m3w", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *BUILT))
     return into
 
 
@@ -47,12 +51,15 @@ def test_wheel_installs_one_namespace_with_its_configs(tmp_path):
     (wheel,) = tmp_path.glob("m3w-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
-    assert top == {"m3w", wheel.name.split("-py")[0] + ".dist-info"}, top
+    assert top == {"m3w", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}, top  # name-version.dist-info
     data = {  # every file of the package that is not code: configs, the tokenizer, word lists
         path.relative_to(ROOT).as_posix()
         for path in (ROOT / "m3w").rglob("*")
-        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+        if path.is_file()
+        and path.suffix not in (".py", ".pyc", ".pyx", ".c", ".so")
+        and "__pycache__" not in path.parts
     }
+    assert any(name.startswith("m3w/pipeline/html_walk.") and name.endswith(".so") for name in names), names
     assert data and data <= set(names), sorted(data - set(names))
 
     venv = tmp_path / "venv"

@@ -3,7 +3,8 @@
 Three steps, each small:
 1. `decode_html`: bytes → str from the BOM, the HTTP charset, the `<meta>` charset, UTF-8, then detection.
 2. `_Walker.walk`: one iterative pre-order walk over the lexbor DOM that turns the page into flat *blocks* (a
-   paragraph of text, an image, a video), each owned by the innermost block element it sits in. Furniture
+   paragraph of text, an image, a video), each owned by the innermost block element it sits in. Its per-node loop
+   is compiled (`html_walk.pyx`, reading lexbor's structs); what it decides is asked of this module. Furniture
    (nav/aside/footer/menu tags, navigation/banner/complementary roles, class or id words like cookie,
    newsletter, share, related, comments, sidebar; a <header> without the h1) is skipped without walking it,
    unless it holds half the page's text, or a fifth with few links (a "has-sidebar" wrapper around the article).
@@ -34,6 +35,13 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
+
+try:
+    from m3w.pipeline import html_walk
+except ModuleNotFoundError as missing:  # a source tree used without installing it
+    raise ImportError(
+        "m3w.pipeline.html_walk, the compiled DOM walk, is not built: run `make setup` (or `pip install -e .`)"
+    ) from missing
 
 
 @dataclass
@@ -343,7 +351,6 @@ _LINE_BREAK = "\u2028"
 _SKIP, _CONTAINER, _SPECIAL = 0, 1, 2
 _WALK_ACTION = {
     **dict.fromkeys(SKIP_TAGS, _SKIP),
-    **dict.fromkeys(("-comment", "-doctype", "-document", None), _SKIP),  # None: a node lexbor names no tag
     **dict.fromkeys(("img", "video", "noscript", "br"), _SPECIAL),
 }
 
@@ -362,12 +369,6 @@ def _tokens(value: str, lowered: str) -> set[str]:
             .split()
         )
     return {t.lower() for t in _TOKEN_SPLIT.split(value) if t}
-
-
-def _text_size(node: LexborNode) -> int:
-    """Characters of text under a node, each text node stripped (indentation does not count). All in C;
-    whitespace-only nodes, which strip to nothing, are not even decoded."""
-    return len(node.text(deep=True, strip=True, skip_empty=True))
 
 
 def _int_size(value: str | None) -> int | None:
@@ -447,21 +448,16 @@ def _classify(tag: str, cls: str, id_: str, role: str, itemprop: str) -> tuple[b
     return boiler and tag not in ("body", "html"), tag == "header" or role == "banner", hint
 
 
-def _flush_text(
-    blocks: list[_Block], pieces: list[str], kind: str, owner: int, level: int, dom: int, link_chars: int
-) -> None:
-    """The pending text pieces of a block element → one text block (none if it is only whitespace); clears them."""
-    raw = "".join(pieces)
-    pieces.clear()  # in place: the walk holds this list
-    if kind == "code":
-        text = raw.replace(_LINE_BREAK, "\n").strip("\n")
-    elif _LINE_BREAK in raw:
-        lines = (" ".join(line.split()) for line in raw.split(_LINE_BREAK))
-        text = "\n".join(line for line in lines if line)
-    else:
-        text = " ".join(raw.split())
-    if text and not text.isspace():
-        blocks.append(_Block("text", owner, dom, text, kind, min(link_chars, len(text)), level))
+def _hidden_by(aria_hidden: str | None, style: str | None) -> bool:
+    """Whether an element with these attributes is hidden (one with a `hidden` attribute always is)."""
+    return (aria_hidden or "").lower() == "true" or bool(style and _HIDDEN_STYLE.search(style))
+
+
+# What the compiled walk asks about tags, class names and hidden elements.
+_VOCABULARY = html_walk.Vocabulary(
+    _WALK_ACTION, _CONTAINER, _SKIP, _CONTAINER, BLOCK_OF_TAG, _TAGS_WITH_MEANING, _LINE_BREAK,
+    _classify, functools.partial(_Block, "text"), _hidden_by,
+)  # fmt: skip
 
 
 class _Walker:
@@ -480,7 +476,7 @@ class _Walker:
         self._class_mass: dict[str, bool] = {}  # class → whether elements of that class are half the page
 
     # -- elements
-    def _is_furniture(self, node: LexborNode, tag: str, cls: str, boiler: bool) -> bool:
+    def is_furniture(self, node: LexborNode, tag: str, cls: str, boiler: bool) -> bool:
         """Whether to drop the subtree of an element `_classify` calls furniture (`boiler`: by tag, role, class or
         id) or a header. It is dropped unless it holds most of the page's text (a "has-sidebar" wrapper around
         the article), holds the article itself (an <article>, <main>, articleBody or the h1 in a fifth of the
@@ -488,8 +484,8 @@ class _Walker:
         classed "comment"); a header is dropped unless it holds the h1."""
         if not boiler and node.css_first("h1") is not None:
             return False
-        # Measured with lexbor's C text(), so dropped regions cost no Python walk at all.
-        chars = _text_size(node)
+        # Measured in C (html_walk.text_size), so dropped regions cost no walk at all.
+        chars = html_walk.text_size(node)
         total = self.total_chars
         if chars >= 0.5 * total:
             return False
@@ -499,7 +495,7 @@ class _Walker:
             # A big region with few links is prose mislabelled by its class name, not navigation. Named by a weak
             # word only (a "socialicons-sticky" wrapper around the article), it may hold an article's share of
             # links; by tag, role, a strong word or as a comments area, only a sliver.
-            links = sum(_text_size(a) for a in node.css("a"))
+            links = sum(html_walk.text_size(a) for a in node.css("a"))
             names = f"{cls} {node.attributes.get('id') or ''}".lower()
             weak_name = (
                 tag not in BOILERPLATE_TAGS
@@ -518,20 +514,13 @@ class _Walker:
         if known is None:
             known = False
             if _PLAIN_CLASS.match(cls) and self._root is not None:  # a CSS string lexbor parses as written
-                mass = sum(_text_size(n) for n in self._root.css(f'[class="{cls}"]'))
+                mass = sum(html_walk.text_size(n) for n in self._root.css(f'[class="{cls}"]'))
                 known = mass >= 0.5 * self.total_chars
             self._class_mass[cls] = known
         return known
 
-    @staticmethod
-    def _hidden(attrs: dict[str, str | None]) -> bool:
-        if "hidden" in attrs or (attrs.get("aria-hidden") or "").lower() == "true":
-            return True
-        style = attrs.get("style")
-        return bool(style and _HIDDEN_STYLE.search(style))
-
     # -- media
-    def _image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
+    def image(self, node: LexborNode, attrs: dict[str, str | None], owner: int, linked: bool) -> None:
         if not any(value for name, value in attrs.items() if "src" in name or name.startswith("data-")):
             self.page.image_drops["no_url"] += 1  # an empty <img> scripts fill in: its <noscript> pairs with
             return  # the placeholder before it, not with this
@@ -676,11 +665,11 @@ class _Walker:
         target = resolve_url(self.base_url, href)
         return target if target is not None and target.split("?", 1)[0].lower() != path else None
 
-    def _noscript(self, node: LexborNode, owner: int, linked: bool) -> bool:
+    def noscript(self, node: LexborNode, owner: int, linked: bool) -> bool:
         """A <noscript>: what a browser without scripts shows. A page built inside one (sites that draw
         everything with scripts) is walked like any element: returns True. Otherwise only its images count: the
         real image behind the lazy placeholder just before it, or an image scripts would have inserted."""
-        if _text_size(node) >= max(200, NOSCRIPT_PAGE_SHARE * self.total_chars):
+        if html_walk.text_size(node) >= max(200, NOSCRIPT_PAGE_SHARE * self.total_chars):
             return True
         for img in node.css("img"):
             previous = node.prev
@@ -700,10 +689,10 @@ class _Walker:
                 placeholder = last[0]
                 placeholder.fallbacks = [*(placeholder.fallbacks or ()), img]
             else:
-                self._image(img, img.attributes, owner, linked)
+                self.image(img, img.attributes, owner, linked)
         return False
 
-    def _video(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
+    def video(self, node: LexborNode, attrs: dict[str, str | None], owner: int) -> None:
         raw = attrs.get("src") or attrs.get("data-src")
         if not raw:
             for child in node.iter():
@@ -720,132 +709,22 @@ class _Walker:
 
     # -- the walk
     def walk(self, root: LexborNode) -> _Page:
-        max_depth = self.options.max_depth
-        self.total_chars = _text_size(root)
+        """The page's blocks. The per-node loop is compiled (m3w/pipeline/html_walk.pyx); it calls back into this
+        walker for media, <noscript> and furniture, and into _VOCABULARY for tags, class names and hidden
+        elements."""
+        self.total_chars = html_walk.text_size(root)
         self._root = root
         page = self.page
         page.tag.append(root.tag or "body")
         page.parent.append(-1)
         page.content_hint.append(0)
-        # The state of the innermost block element: its element index, kind, heading level, the DOM index of its
-        # pending text, and the link characters in that text. Locals, not attributes, as is everything else here:
-        # this loop runs once per DOM node and dominates extraction time.
-        owner, kind, level, dom, link_chars = 0, "paragraph", 0, 0, 0
-        dom_index = in_link = 0
-        # frame: (node, element index, is link, block state to restore at its end or None for inline elements)
-        stack: list[tuple[LexborNode, int, bool, tuple[int, str, int, int] | None]] = [
-            (root, 0, False, (0, "paragraph", 0, 0))
-        ]
-        pieces, blocks = self.pieces, page.blocks
-        tags, parents, hints = page.tag, page.parent, page.content_hint
-        is_furniture, hidden = self._is_furniture, self._hidden
-        main_content = self.options.main_content
-        node = root.first_child
-        while True:
-            if node is None:
-                frame_node, idx, is_link, saved = stack.pop()
-                if saved is not None:
-                    if pieces:
-                        _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
-                        link_chars = 0
-                    owner, kind, level, dom = saved
-                if is_link:
-                    in_link -= 1
-                if not stack:
-                    break
-                node = frame_node.next
-                continue
-            tag = node.tag
-            if tag == "-text":
-                if node.is_empty_text_node:  # whitespace between tags: a word break, and no string to decode
-                    if pieces:
-                        pieces.append(" ")
-                else:
-                    text = node.text_content
-                    if not pieces:
-                        dom = dom_index
-                    pieces.append(text)
-                    if in_link:
-                        link_chars += len(text.strip())
-                node = node.next
-                continue
-            action = _WALK_ACTION.get(tag, _CONTAINER)
-            if action == _SKIP:  # comments, doctype, processing instructions, SKIP_TAGS
-                node = node.next
-                continue
-            dom_index += 1
-            attrs = node.attributes
-            if attrs and ("style" in attrs or "hidden" in attrs or "aria-hidden" in attrs) and hidden(attrs):
-                node = node.next
-                continue
-            if action != _CONTAINER:
-                if tag == "br":
-                    pieces.append(_LINE_BREAK)
-                    node = node.next
-                    continue
-                if pieces:
-                    _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
-                    link_chars = 0
-                self.dom_index = dom_index
-                media_owner = stack[-1][1]
-                if tag == "img":
-                    self._image(node, attrs, media_owner, in_link > 0)
-                elif tag == "video":
-                    self._video(node, attrs, media_owner)
-                elif self._noscript(node, media_owner, in_link > 0):
-                    tag = "div"  # walked as a plain container
-                if tag != "div":
-                    node = node.next
-                    continue
-            if attrs or tag in _TAGS_WITH_MEANING:
-                cls = attrs.get("class") or ""
-                boiler, header_like, hint = _classify(
-                    tag, cls, attrs.get("id") or "", attrs.get("role") or "", attrs.get("itemprop") or ""
-                )
-                if (
-                    (boiler or header_like)
-                    and hint != 2
-                    and main_content
-                    and is_furniture(node, tag, cls, boiler)
-                ):
-                    node = node.next
-                    continue
-            else:  # the common case (<p>, <li>, <b>): nothing to classify
-                hint = 0
-            block = BLOCK_OF_TAG.get(tag)
-            # Only block elements are recorded: inline ones (a, span, b) never own text or root the content.
-            if block is None and not hint:
-                idx = stack[-1][1]
-            else:
-                idx = len(tags)
-                tags.append(tag)
-                parents.append(stack[-1][1])
-                hints.append(hint)
-            saved = None
-            if block is not None:
-                if pieces:
-                    _flush_text(blocks, pieces, kind, owner, level, dom, link_chars)
-                    link_chars = 0
-                saved = (owner, kind, level, dom)
-                # Containers (div, ul, table...) keep an enclosing specific kind (a div inside an li is a list item).
-                if block != "paragraph" or tag == "p" or kind == "paragraph":
-                    kind = block
-                owner = idx
-                if block == "heading":
-                    level = int(tag[1])
-            if len(stack) >= max_depth:
-                raise PageSkip("nesting", f"DOM deeper than {max_depth}")
-            child = node.first_child
-            if child is None:
-                if saved is not None:
-                    owner, kind, level, dom = saved
-                node = node.next
-                continue
-            is_link = tag == "a"
-            in_link += is_link
-            stack.append((node, idx, is_link, saved))
-            node = child
-        return self.page
+        options = self.options
+        if not html_walk.walk(
+            root, self, _VOCABULARY, page.tag, page.parent, page.content_hint, page.blocks, self.pieces,
+            options.max_depth, options.main_content,
+        ):  # fmt: skip
+            raise PageSkip("nesting", f"DOM deeper than {options.max_depth}")
+        return page
 
 
 def _figcaption(node: LexborNode) -> str | None:
