@@ -19,7 +19,8 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
-$(RUNTIME_STAMP): pyproject.toml
+# Reinstalled when the compiled DOM walk's source changes too (an editable install compiles it once).
+$(RUNTIME_STAMP): pyproject.toml setup.py m3w/pipeline/html_walk.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python tools/uv_install.py $(TORCH_SPEC)
 	$(BIN)/python tools/uv_install.py -e .
