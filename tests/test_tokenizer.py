@@ -35,6 +35,26 @@ def test_default_tokenizer_is_shipped_small_and_has_fixed_special_ids():
     assert tok(f"{EOC_TOKEN}{MEDIA_TOKEN}", add_special_tokens=False)["input_ids"] == [3, 2]
 
 
+def test_plain_tokenizer_loads_as_autotokenizer_loads_it_without_torch(page_texts):
+    """m3w's tokenizer loads with its class directly: what AutoTokenizer gives (class, settings, ids), without
+    the model-config modules that import torch (shard workers only tokenize)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    probe = "import sys; from m3w.pipeline.tokenizer import load_tokenizer; load_tokenizer(); print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )
+    ours, auto = load_tokenizer(), AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER)
+    auto.add_special_tokens({"additional_special_tokens": [MEDIA_TOKEN, EOC_TOKEN]})
+    assert type(ours) is type(auto) and ours.init_kwargs == auto.init_kwargs
+    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(auto)
+    assert ours(page_texts)["input_ids"] == auto(page_texts)["input_ids"]
+
+
 def test_default_tokenizer_round_trips_real_web_text(page_texts):
     tok = load_tokenizer()
     assert len(page_texts) == 40

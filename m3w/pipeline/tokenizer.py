@@ -17,11 +17,30 @@ PAD_TOKEN = "<pad>"
 DEFAULT_TOKENIZER = str(Path(__file__).parent / "assets" / "tokenizer")
 
 
-def load_tokenizer(name_or_path: str | None = None):
-    """Load a tokenizer by hub name or local path and add `<image>`, `<EOC>` (and a pad token if missing)."""
+# tokenizer_config.json classes that are a plain `tokenizers` file (transformers 5 names it TokenizersBackend,
+# transformers 4 PreTrainedTokenizerFast; m3w's own and `m3w tokenizer train`'s are such)
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: str):
+    """The class that loads `path`. A local plain `tokenizers` file loads with that class directly: AutoTokenizer
+    would get the same class, but through transformers' model-config modules, which import torch (seconds, and
+    hundreds of MB in every shard worker that only tokenizes)."""
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file() and (Path(path) / "tokenizer.json").is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path or DEFAULT_TOKENIZER)
+    return AutoTokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """Load a tokenizer by hub name or local path and add `<image>`, `<EOC>` (and a pad token if missing)."""
+    path = name_or_path or DEFAULT_TOKENIZER
+    tok = _tokenizer_class(path).from_pretrained(path)
     tok.add_special_tokens({"additional_special_tokens": [MEDIA_TOKEN, EOC_TOKEN]})
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
