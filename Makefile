@@ -14,6 +14,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# The install does not byte-compile site-packages (tools/uv_install.py): Python writes the bytecode of the modules
+# a run imports, once, which a PYTHONDONTWRITEBYTECODE in the environment would make every process redo.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup test demo demo-screenshot bench lint clean
 

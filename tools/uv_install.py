@@ -5,7 +5,8 @@ time. uv does not read pip's configuration (pip.conf, PIP_* variables), so a mac
 mirror, local wheel folders, constraints or a CA bundle would have uv resolve against plain PyPI instead, and could
 get other builds (a CUDA torch instead of the CPU wheel a wheel folder holds). This hands pip's settings to uv and
 asks it to pick the best version across all sources as pip does (`unsafe-best-match`), so both resolve the same
-versions. The files are byte-compiled as pip does, so no process compiles them again at import.
+versions. Unlike pip it does not byte-compile all of site-packages (a minute of CPU, mostly for modules that never
+run): Python writes the bytecode of what it imports, once (the Makefile lets it, see PYTHONDONTWRITEBYTECODE there).
 
 Standard library only: it runs with the venv's python before anything but pip is in it (it installs uv itself).
 """
@@ -67,7 +68,7 @@ def main(args: list[str]) -> int:
     env = dict(os.environ)
     if settings.get("cert"):
         env.setdefault("SSL_CERT_FILE", settings["cert"])  # uv's TLS trusts what pip was told to trust
-    command = [str(uv), "pip", "install", "--quiet", "--compile-bytecode", "--python", sys.executable]
+    command = [str(uv), "pip", "install", "--quiet", "--python", sys.executable]
     return subprocess.run(command + uv_options(settings) + args, env=env).returncode
 
 
