@@ -58,6 +58,7 @@ bench: setup $(OPENFLAMINGO)
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/eval_speed.py
 
 lint: setup
 	$(BIN)/ruff check m3w tests bench tools
