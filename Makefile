@@ -66,3 +66,4 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .venv-img2dataset .venv-openflamingo demo-out bench-out
+	rm -f m3w/pipeline/html_walk.c m3w/pipeline/html_walk.*.so  # the compiled walk's in-place build
