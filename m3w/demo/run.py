@@ -272,7 +272,7 @@ def sample_blocks(shards: Path) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="m3w end-to-end demo")
     parser.add_argument("--out", default="demo-out")
-    parser.add_argument("--pages", type=int, default=360)
+    parser.add_argument("--pages", type=int, default=480)
     parser.add_argument("--lm-steps", type=int, default=1200, help="pretraining steps of the frozen tiny LM")
     parser.add_argument("--train-steps", type=int, default=300)
     args = parser.parse_args()
