@@ -308,6 +308,23 @@ _STRONG_FURNITURE = re.compile(
 _CONTENT_TOKENS = frozenset(
     "article articlebody content main post entry story hentry postbody storybody".split()
 )
+
+
+def _first_letter_alternation(words: frozenset[str]) -> str:
+    """A regex finding any of `words` in a string, grouped by first letter ("b(?:anner)|c(?:omment|ontent)|..."):
+    the regex engine tries each alternative at every position, so fewer of them make a search faster. A word
+    holding another ("comments", "comment") needs no alternative of its own."""
+    by_letter: dict[str, list[str]] = {}
+    for word in sorted(w for w in words if not any(other != w and other in w for other in words)):
+        by_letter.setdefault(word[0], []).append(re.escape(word[1:]))
+    return "|".join(f"{letter}(?:{'|'.join(rests)})" for letter, rests in sorted(by_letter.items()))
+
+
+# Whether a lower-cased class or id value holds any word _name_verdict looks for, whole or inside a token: three
+# in four values (unique ids, generated class names like "css-1x6j0yu") hold none, and need no splitting.
+_ANY_NAME_WORD = re.compile(
+    _first_letter_alternation(_BOILERPLATE_TOKENS | _CONTENT_TOKENS) + "|" + _BOILERPLATE_SUBSTRINGS.pattern
+)
 _PLAIN_CLASS = re.compile(r"[\w -]+$")
 _UNIT_NAMES = re.compile(r"comment|repl|post|message|answer|review", re.I)  # the units of a thread
 _SEPARATORS = r"[\s_\-:./]+"  # _tokens' fast path spells the same set out as str.replace calls and split()
@@ -421,6 +438,10 @@ def _name_verdict(names: str) -> tuple[bool, bool]:
     across pages. A content word wins over a furniture word ("entry share", "documentContent__sharingContainer"),
     but not over a strong one ("related_post")."""
     lowered = names.lower()
+    if not _ANY_NAME_WORD.search(lowered):
+        # A token that equals a word is in the lower-cased value too (str.lower maps ASCII letters alike in a
+        # token and in the whole value), as is every substring match.
+        return False, False
     tokens = _tokens(names, lowered)
     furniture = bool(tokens & _BOILERPLATE_TOKENS) or bool(_BOILERPLATE_SUBSTRINGS.search(lowered))
     if furniture and _STRONG_FURNITURE.search(lowered):
@@ -1059,10 +1080,12 @@ _GENERIC_NAMES = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def image_identity(url: str) -> str:
     """What makes two URLs the same picture at different sizes: the file name without extension and size
     tokens (`photo-1024x683.jpg`, `photo-s1800-c85.webp`, `/w_1600,c_limit/photo.jpg`); the whole path when the
-    name says nothing (`/photos/61979e49/1:1/pass/undefined`)."""
+    name says nothing (`/photos/61979e49/1:1/pass/undefined`). Cached: a page asks for a kept image's identity
+    when it looks for its lead image and again when it drops repeated pictures."""
     path = urlsplit(url).path.rstrip("/").lower()
     name = path.rsplit("/", 1)[-1]
     stem = _SIZE_TOKENS.sub("", name.rsplit(".", 1)[0] if "." in name else name)
