@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from selectolax.lexbor import LexborHTMLParser
 
+from m3w.pipeline import html_walk
 from m3w.pipeline.html_extract import (
     PageOptions,
     PageSkip,
@@ -544,3 +546,21 @@ def test_content_images_match_the_hand_checked_truth(webcorpus):
     recall, precision = tp / (tp + fn), tp / (tp + fp)
     print(f"\ncontent images: recall {recall:.3f}, precision {precision:.3f}, order {ordered / pairs:.3f}")
     assert recall >= 0.95 and precision >= 0.85 and ordered / pairs >= 0.98
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"plain ascii \x1c",
+        "\u00a0\u3000Stra\u00dfe \u65e5\u672c \U0001f600\u2028\u205f".encode(),  # Unicode spaces strip, others count
+        "\u200bzero width\u200b".encode(),  # U+200B is not a space to str.strip()
+        "\u0085next line\u1680".encode(),
+        b"\xc3 cut \xe2\x82 sequences \xf0\x9f\x98",  # malformed bytes count as the U+FFFD they decode to
+        b"\xc0\xaf overlong \xed\xa0\x80 surrogate \xf4\x90\x80\x80 too large \xff",
+    ],
+)
+def test_text_size_counts_what_stripped_text_holds(text):
+    """The compiled walk measures text without making strings; what it counts is the stripped text selectolax
+    gives, in code points, whatever the bytes."""
+    body = LexborHTMLParser(b"<body><p>" + text + b"</p><p> \xc2\xa0 </p><i>x</i></body>").body
+    assert html_walk.text_size(body) == len(body.text(deep=True, strip=True, skip_empty=True))

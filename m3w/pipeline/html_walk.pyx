@@ -166,22 +166,61 @@ cdef dict attributes(m3w_lxb_node *node):
     return out
 
 
-cdef inline bint is_python_space(unsigned char c) noexcept:
-    """What str.strip() strips, within ASCII: \\t \\n \\v \\f \\r, \\x1c-\\x1f and space."""
-    return c == 0x20 or 0x09 <= c <= 0x0D or 0x1C <= c <= 0x1F
+cdef inline bint is_python_space(unsigned int c) noexcept:
+    """What str.isspace() (and so str.strip()) says of a code point: CPython's _PyUnicode_IsWhitespace."""
+    if c < 0x80:
+        return 0x09 <= c <= 0x0D or 0x1C <= c <= 0x20
+    return (
+        c == 0x85 or c == 0xA0 or c == 0x1680 or 0x2000 <= c <= 0x200A or c == 0x2028 or c == 0x2029
+        or c == 0x202F or c == 0x205F or c == 0x3000
+    )
 
 
 cdef Py_ssize_t stripped_length(const unsigned char *data, size_t length) except -1:
-    """len(text.strip()) of a text node's UTF-8 bytes, as selectolax decodes them; ASCII needs no string at all."""
-    cdef size_t start = 0, end = length, i
-    for i in range(length):
-        if data[i] >= 0x80:
-            return len(decode(data, length).strip())
-    while start < end and is_python_space(data[start]):
-        start += 1
-    while end > start and is_python_space(data[end - 1]):
-        end -= 1
-    return end - start
+    """len(text.strip()) of a text node's UTF-8 bytes, as selectolax decodes them, without making the string: code
+    points are counted as they are decoded. Bytes that are not well-formed UTF-8 (which decoding replaces) are left
+    to Python's decoder."""
+    cdef size_t i = 0, j, width
+    cdef Py_ssize_t count = 0, first = -1, last = 0  # code points; first and one past the last non-space one
+    cdef unsigned int c  # a code point
+    cdef unsigned char lead, low, high
+    while i < length:
+        lead = data[i]
+        if lead < 0x80:
+            c, width = lead, 1
+        else:
+            # Well-formed sequences (Unicode 15, table 3-7): the second byte's range depends on the lead byte.
+            low, high = 0x80, 0xBF
+            if 0xC2 <= lead <= 0xDF:
+                c, width = lead & 0x1F, 2
+            elif 0xE0 <= lead <= 0xEF:
+                c, width = lead & 0x0F, 3
+                if lead == 0xE0:
+                    low = 0xA0
+                elif lead == 0xED:
+                    high = 0x9F
+            elif 0xF0 <= lead <= 0xF4:
+                c, width = lead & 0x07, 4
+                if lead == 0xF0:
+                    low = 0x90
+                elif lead == 0xF4:
+                    high = 0x8F
+            else:
+                return len(decode(data, length).strip())
+            if i + width > length or not (low <= data[i + 1] <= high):
+                return len(decode(data, length).strip())
+            c = (c << 6) | (data[i + 1] & 0x3F)
+            for j in range(i + 2, i + width):
+                if not (0x80 <= data[j] <= 0xBF):
+                    return len(decode(data, length).strip())
+                c = (c << 6) | (data[j] & 0x3F)
+        i += width
+        if not is_python_space(c):
+            if first < 0:
+                first = count
+            last = count + 1
+        count += 1
+    return last - first if first >= 0 else 0
 
 
 def text_size(node) -> int:
