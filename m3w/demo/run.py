@@ -8,7 +8,8 @@ and a verdict on whether the model it trains learns in context.
 3. LM       the frozen LM: the tiny preset's LM pretrained on the corpus text and on naming drills that teach it
             to copy a name from its context (demo.lm; there is no model hub offline, and Flamingo freezes a
             *pretrained* LM)
-4. train    `m3w train`: the four streams with the paper's loss weights, the LM frozen
+4. train    `m3w train` (configs/train_demo.yaml): the four streams, the naming games' M3W stream and the caption
+            pairs weighted up from the paper's mixture, the LM frozen
 5. eval     `m3w eval`: fast binding at 0/1/2/4/8 shots on held-out episodes with held-out names; VQA and
             captioning; each with the images-shuffled control and 95% intervals over the items
 6. report   demo-out/report.html, one self-contained page (demo.report)
@@ -365,7 +366,8 @@ def make_report(out: Path, web: dict, args, evals: dict, checks, steps: Steps, t
         f"the tiny Flamingo (a 2-layer LM pretrained on the corpus text and on naming drills for {args.lm_steps} "
         "steps and frozen, a "
         f"frozen vision tower, a trainable Perceiver Resampler and gated cross-attention) trained for "
-        f"{args.train_steps} steps on the four streams with the paper's loss weights, then answered held-out "
+        f"{args.train_steps} steps on the four streams (the M3W stream, which holds the naming games, with twice the "
+        "batch and the caption pairs with its loss weight), then answered held-out "
         "few-shot questions. Every step is seeded and single-threaded: a re-run on this machine gives the same "
         "numbers."
     )
