@@ -275,6 +275,22 @@ def test_data_uris_tracking_pixels_icons_are_skipped_and_counted():
     assert drops["data_uri"] == 1 and drops["tracking"] == 3 and drops["icon"] == 2
 
 
+@pytest.mark.parametrize("where", ["hero", "article"])
+def test_an_image_the_lead_image_check_drops_is_counted_once(where):
+    # og:image names a picture shown as a 16 px icon: the lead-image check resolves it, finds an icon and drops it.
+    # It is one image, so one count: not "icon" and "outside_content", nor "icon" twice.
+    head = '<meta property="og:image" content="https://news.example.com/media/lead-7.jpg">'
+    icon = '<img src="/media/lead-7.jpg" width="16" height="16">'
+    photo = '<img src="/photos/harbour.jpg" width="800" height="533">'
+    hero, inside = (f"<div class=hero>{icon}</div>", "") if where == "hero" else ("", icon)
+    html = f"<html><head>{head}</head><body>{hero}<article><p>{PROSE}</p>{inside}{photo}</article></body></html>"
+    result = extract_page(html, PAGE_URL)
+    assert [n["url"] for n in result.nodes if n["kind"] == "image"] == [
+        "https://news.example.com/photos/harbour.jpg"
+    ]
+    assert dict(result.image_drops) == {"icon": 1}
+
+
 def test_image_metadata_alt_title_figcaption_size():
     body = (
         '<figure><img src="/h.jpg" alt=" The  harbour " title="Wall" width="1024" style="height: 683px">'

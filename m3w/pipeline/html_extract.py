@@ -421,6 +421,8 @@ class _Block:
     node: LexborNode | None = None
     attrs: dict[str, str | None] | None = None
     fallbacks: list[LexborNode] | None = None
+    # resolve_image found it is no content image: counted once in image_drops, never resolved or counted again.
+    dropped: bool = False
 
 
 @dataclass
@@ -560,7 +562,7 @@ class _Walker:
         after all (an icon, a tracking pixel, a data: URI: counted in image_drops). A <noscript> fallback is what
         a browser without scripts shows, so it wins over the placeholder, which keeps its alt and caption when
         the fallback has none."""
-        if block.media or block.node is None:
+        if block.media or block.dropped or block.node is None:
             return bool(block.media)
         media = self._image_media(block.node, block.attrs or {})
         for fallback in block.fallbacks or ():
@@ -572,6 +574,7 @@ class _Walker:
                     (k, v) for k, v in real.items() if v is not None or k in ("url", "width", "height")
                 )
         if media is None:
+            block.dropped = True
             return False
         media["figcaption"] = _figcaption(block.node)
         block.media = media
@@ -1225,8 +1228,10 @@ def extract_page(html: str | bytes, page_url: str, options: PageOptions | None =
         else:
             node.update(b.media)
         nodes.append(node)
-    walked = sum(b.kind == "image" for b in page.blocks)
-    kept = sum(b.kind == "image" for b in selected)
-    if walked > kept:
-        page.image_drops["outside_content"] += walked - kept
+    # Each image is counted once: kept, dropped with its reason, or outside the content (an image the lead-image
+    # check resolved and dropped, outside the content, already has its reason).
+    in_content = {id(b) for b in selected}
+    outside = sum(b.kind == "image" and not b.dropped and id(b) not in in_content for b in page.blocks)
+    if outside:
+        page.image_drops["outside_content"] += outside
     return ExtractedPage(title=title, lang=lang, og_image=og_image, nodes=nodes, image_drops=page.image_drops)
