@@ -283,7 +283,9 @@ def test_an_image_the_lead_image_check_drops_is_counted_once(where):
     icon = '<img src="/media/lead-7.jpg" width="16" height="16">'
     photo = '<img src="/photos/harbour.jpg" width="800" height="533">'
     hero, inside = (f"<div class=hero>{icon}</div>", "") if where == "hero" else ("", icon)
-    html = f"<html><head>{head}</head><body>{hero}<article><p>{PROSE}</p>{inside}{photo}</article></body></html>"
+    html = (
+        f"<html><head>{head}</head><body>{hero}<article><p>{PROSE}</p>{inside}{photo}</article></body></html>"
+    )
     result = extract_page(html, PAGE_URL)
     assert [n["url"] for n in result.nodes if n["kind"] == "image"] == [
         "https://news.example.com/photos/harbour.jpg"
