@@ -478,7 +478,7 @@ def _hidden_by(aria_hidden: str | None, style: str | None) -> bool:
 
 # What the compiled walk asks about tags, class names and hidden elements.
 _VOCABULARY = html_walk.Vocabulary(
-    _WALK_ACTION, _CONTAINER, _SKIP, _CONTAINER, BLOCK_OF_TAG, _TAGS_WITH_MEANING, _LINE_BREAK,
+    _WALK_ACTION, _SKIP, _CONTAINER, BLOCK_OF_TAG, _TAGS_WITH_MEANING, _LINE_BREAK,
     _classify, functools.partial(_Block, "text"), _hidden_by,
 )  # fmt: skip
 

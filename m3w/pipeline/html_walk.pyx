@@ -272,21 +272,20 @@ cdef class Vocabulary:
     cdef str uncached  # the name of the last tag the cache did not take, alive until the next such lookup
     cdef dict actions, blocks
     cdef frozenset meaningful
-    cdef int default_action
     cdef object classify, text_block, hidden_by
     cdef readonly int skip, container
     cdef str paragraph, line_break
 
     def __init__(
-        self, dict actions, int default_action, int skip, int container, dict blocks, meaningful, str line_break,
+        self, dict actions, int skip, int container, dict blocks, meaningful, str line_break,
         classify, text_block, hidden_by,
     ):
-        """`actions`: tag → walk action (skip, container or special; `default_action` for others); `blocks`: block
-        element tag → block kind; `meaningful`: tags classified even without attributes; `line_break`: the text a
-        <br> adds; `classify(tag, cls, id,
-        role, itemprop)` → (looks like furniture, header-like, content hint); `text_block(owner, dom, text, kind,
-        link_chars, level)` → a text block; `hidden_by(aria_hidden, style)` for elements that carry either."""
-        self.actions, self.default_action, self.skip, self.container = actions, default_action, skip, container
+        """`actions`: tag → walk action (skip, container or special; a tag it does not name is a container);
+        `blocks`: block element tag → block kind; `meaningful`: tags classified even without attributes;
+        `line_break`: the text a <br> adds; `classify(tag, cls, id, role, itemprop)` → (looks like furniture,
+        header-like, content hint); `text_block(owner, dom, text, kind, link_chars, level)` → a text block;
+        `hidden_by(aria_hidden, style)` for elements that carry either."""
+        self.actions, self.skip, self.container = actions, skip, container
         self.blocks, self.meaningful = blocks, frozenset(meaningful)
         self.classify, self.text_block, self.hidden_by = classify, text_block, hidden_by
         self.owned, self.used, self.paragraph, self.line_break = [], 0, "paragraph", line_break
@@ -320,7 +319,7 @@ cdef class Vocabulary:
     cdef void fill(self, TagSlot *slot, str tag) except *:
         block = self.blocks.get(tag)  # a value of self.blocks: alive as long as this vocabulary
         slot.tag = <PyObject *>tag
-        slot.action = self.actions.get(tag, self.default_action)
+        slot.action = self.actions.get(tag, self.container)
         slot.block = NULL
         slot.level = 0
         if block is not None:
