@@ -64,29 +64,31 @@ class NamingDrills:
         self.eoc, self.media = tok.convert_tokens_to_ids(EOC_TOKEN), tok.convert_tokens_to_ids(MEDIA_TOKEN)
         self.prefix = tok("This is a", add_special_tokens=False)["input_ids"]
         self.stop = tok(".", add_special_tokens=False)["input_ids"]
+        self.encode = tok.backend_tokenizer.encode  # the `tokenizers` call alone: 5x faster than tok(...)
 
     def __call__(self) -> Drill:
         from m3w.demo.web import made_up_name
 
         kinds = self.rng.choice([2, 3])
-        names = [
-            self.tok(" " + made_up_name(self.rng), add_special_tokens=False)["input_ids"]
-            for _ in range(kinds)
-        ]
-        kind_vectors = torch.randn(kinds, self.dim, generator=self.gen)
+        words = [f" {made_up_name(self.rng)}" for _ in range(kinds)]
+        names = [self.encode(word, add_special_tokens=False).ids for word in words]
         order = list(range(kinds)) + [self.rng.randrange(kinds) for _ in range(self.pictures - kinds)]
         self.rng.shuffle(order)
-        ids, vectors, targets, shown = [self.eoc], [torch.zeros(self.dim)], [], set()
+        ids, chunk_lengths, targets, shown = [self.eoc], [1], [], set()
         for kind in order:
             chunk = [self.media, *self.prefix, *names[kind], *self.stop, self.eoc]
             name_start = len(ids) + 1 + len(self.prefix)
             if kind in shown:
                 targets += range(name_start - 1, name_start - 1 + len(names[kind]))
             shown.add(kind)
-            picture = kind_vectors[kind] + self.noise * torch.randn(self.dim, generator=self.gen)
             ids += chunk
-            vectors += [picture] * len(chunk)
-        return Drill(ids, torch.stack(vectors), targets)
+            chunk_lengths.append(len(chunk))
+        # the same draws, in the same order, as one vector per kind and then one noise vector per picture
+        kind_vectors = torch.randn(kinds, self.dim, generator=self.gen)
+        noise = self.noise * torch.randn(len(order), self.dim, generator=self.gen)
+        before_first = torch.zeros(1, self.dim)
+        per_chunk = torch.cat([before_first, kind_vectors[order] + noise])
+        return Drill(ids, per_chunk.repeat_interleave(torch.tensor(chunk_lengths), dim=0), targets)
 
 
 def pretrain_lm(
