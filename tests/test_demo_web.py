@@ -166,8 +166,8 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
 
-    from m3w.demo.lm import document_texts, pretrain_lm
-    from m3w.schemas.documents import DOCUMENT_SCHEMA
+    from m3w.demo.lm import pretrain_lm
+    from m3w.schemas.documents import DOCUMENT_SCHEMA, document_texts
 
     text = "The picture shows three red circles on the left. The shapes are red."
     node = {"kind": "text", "node_index": 0, "text": text, "block": "paragraph"}

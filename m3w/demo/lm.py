@@ -28,19 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from m3w.schemas.documents import iter_documents
-
-
-def document_texts(filtered_dir: Path) -> list[str]:
-    """The text of each kept document (its text nodes in order)."""
-    texts = []
-    for doc in iter_documents(filtered_dir, columns=["nodes"]):
-        text = "\n".join(n["text"] for n in doc["nodes"] if n["kind"] == "text" and n["text"])
-        if text:
-            texts.append(text)
-    if not texts:
-        raise ValueError(f"no document text in {filtered_dir}")
-    return texts
+from m3w.schemas.documents import document_texts
 
 
 @dataclasses.dataclass

@@ -197,8 +197,8 @@ def verdict(evals: dict[str, dict]) -> list[tuple[bool, str]]:
 
 def corpus_funnel(corpus: Path, filter_rows: list[dict]) -> dict[str, list[tuple[str, int]]]:
     """Three charts, one unit each: documents, images, tokens; filter steps that removed nothing are left out."""
-    from m3w.demo.lm import document_texts
     from m3w.pipeline.tokenizer import load_tokenizer
+    from m3w.schemas.documents import document_texts
 
     stages = {r["stage"]: r["counts"] for r in json.loads((corpus / "build_summary.json").read_text())}
     missing = [s for s in ("extract", "filter", "images", "shards") if stages.get(s) is None]
@@ -333,7 +333,7 @@ def main() -> None:
     checks = verdict(evals)
     report = steps.timed("report", make_report, out, web, args, evals, checks, steps, total_start)
     total = time.monotonic() - total_start
-    from m3w.trainer.evaluate import format_table
+    from m3w.trainer.fewshot.metrics import format_table
 
     print()
     for result in evals.values():

@@ -131,6 +131,18 @@ def iter_documents(
             yield from batch.to_pylist()
 
 
+def document_texts(path_or_dir: str | Path) -> list[str]:
+    """The text of each document that has any (its text nodes in order, one per line)."""
+    texts = []
+    for doc in iter_documents(path_or_dir, columns=["nodes"]):
+        text = "\n".join(n["text"] for n in doc["nodes"] if n["kind"] == NODE_TEXT and n["text"])
+        if text:
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"no document text in {path_or_dir}")
+    return texts
+
+
 def iter_image_urls(path_or_dir: str | Path) -> Iterator[str]:
     """The URL of every image node, in document order, read as columns (no document becomes a dict)."""
     import pyarrow.compute as pc

@@ -16,6 +16,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 # --- CIDEr-D ------------------------------------------------------------------------------------------------
 
@@ -208,3 +209,31 @@ def chance_interval(probabilities: Sequence[float]) -> tuple[float, float, float
         if high is None and cumulative >= 0.975:
             high = k
     return sum(probabilities) / n, low / n, high / n
+
+
+def cell(score: float, interval: list[float] | None) -> str:
+    """`0.850 [0.77, 0.91]`: a score and its 95% interval."""
+    return f"{score:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """shots × (real images, shuffled images, chance), each score with its 95% interval."""
+    rows = report["results"]
+    columns = sorted({r["images"] for r in rows}, key=["real", "shuffled"].index)
+    chance = report.get("chance")
+    width = 22
+    head = f"{report['task']} ({report['metric']}, n={rows[0]['n'] if rows else 0}, 95% intervals over items)"
+    titles = [c + " images" for c in columns] + (["chance"] if chance else [])
+    lines = [head, f"{'shots':>5}  {'support':<10}" + "".join(f"{t:>{width}}" for t in titles)]
+    for shots in dict.fromkeys(r["shots"] for r in rows):
+        cells = {r["images"]: r for r in rows if r["shots"] == shots}
+        selection = next(iter(cells.values()))["selection"]
+        texts = [cell(cells[c]["score"], cells[c].get("ci95")) if c in cells else "" for c in columns]
+        if chance:
+            texts.append(cell(chance["score"], chance["ci95"]))
+        lines.append(f"{shots:>5}  {selection:<10}" + "".join(f"{t:>{width}}" for t in texts))
+    if report.get("caption_loss"):
+        loss = report["caption_loss"]
+        lines.append(f"held-out caption loss (NLL/token, n={loss['n']}): real images {loss['real']:.3f}, "
+                     f"shuffled {loss['shuffled']:.3f}, ratio {loss['ratio']:.3f}")  # fmt: skip
+    return "\n".join(lines)
