@@ -51,7 +51,9 @@ BINDING_GAIN = 0.30  # 4-shot accuracy at least the 0-shot accuracy + this
 CAPTION_LOSS_RATIO = 0.70  # held-out caption loss with the true images at most this × with shuffled images
 CHILD_ENV = {
     "PYTHONUNBUFFERED": "1",  # progress bars and logs reach the console as they happen
-    "OMP_NUM_THREADS": "1",  # one torch thread everywhere: the same reductions, the same numbers, every run
+    # One torch thread everywhere: the same reductions, the same numbers, every run. Two make LM pretraining faster
+    # but change its floating-point path, and the LM that path gave left fast binding at chance (README, the demo).
+    "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
