@@ -54,6 +54,14 @@ def test_verdict_states_each_check_with_its_figures(evals):
                                        Path("x.png"), 0.5))  # fmt: skip
     failed = [text for ok, text in verdict(weak) if not ok]
     assert len(failed) == 2 and "learns in context" in failed[0] and "uses the pictures" in failed[1]
+    # VQA no better with the real pictures than with shuffled ones (the model answers from the question alone)
+    close = dict(evals, vqa=results("vqa", {(4, "real"): 0.4, (4, "shuffled"): 0.42}, Path("x.png"), None))
+    failed = [text for ok, text in verdict(close) if not ok]
+    assert (
+        len(failed) == 1
+        and "VQA answers from the pictures" in failed[0]
+        and "0.400 [0.30, 0.50]" in failed[0]
+    )
 
 
 @pytest.fixture(scope="module")
