@@ -60,6 +60,28 @@ def test_vqa_support_shows_the_majority_answer():
     assert p.text.startswith(f"{MEDIA_TOKEN}Q:How many? A: two{EOC_TOKEN}")
 
 
+def test_rendered_prompt_shows_each_support_answer(tmp_path):
+    """The picture of a prompt (report, TensorBoard) shows all of each image's text: a VQA support example's
+    answer comes after a question that wraps to five lines under its thumbnail."""
+    from PIL import Image
+
+    from m3w.trainer.fewshot.render import LINE, THUMB, prompt_captions, render_prompt
+
+    question = "How many shapes are there?"
+    support = [ex(1, ["four"], question), ex(2, ["three"], question)]
+    p = build_prompt("Question: {question} Short answer:", ex(9, question=question), support)
+    lead, captions = prompt_captions(p.text)
+    assert lead == ""
+    assert [c[-1].split()[-1] for c in captions[:2]] == ["four", "three"]
+    assert max(len(c) for c in captions) >= 5
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), "red").save(images[-1])
+    canvas = render_prompt(p.text, images, "two", ["two"])
+    assert canvas.height >= THUMB + LINE * max(len(c) for c in captions) + 2 * LINE
+
+
 # --- VQA normalisation and accuracy -------------------------------------------------------------------------
 
 

@@ -17,14 +17,20 @@ THUMB = 96  # pixels per image
 LINE = 15  # pixels per text line
 
 
+def prompt_captions(text: str) -> tuple[str, list[list[str]]]:
+    """The prompt's text before its first image, and the text after each image wrapped to the thumbnail's width:
+    every line of it, so a support example's answer (the end of its text) is always shown."""
+    chunks = text.split(MEDIA_TOKEN)
+    lead, chunks = chunks[0].replace(EOC_TOKEN, " ").strip(), chunks[1:]
+    wrap = max(8, THUMB // 7)
+    return lead, [textwrap.wrap(chunk.replace(EOC_TOKEN, "").strip(), wrap) for chunk in chunks]
+
+
 def render_prompt(text: str, images: list[Path | str], prediction: str, answers: list[str]) -> Image.Image:
     """A strip of the prompt's images, each captioned with the text after its `<image>` token (`<EOC>` removed),
     and a last line with the prediction, green when it is one of the answers, red otherwise."""
     font = ImageFont.load_default(size=12)
-    chunks = text.split(MEDIA_TOKEN)
-    lead, chunks = chunks[0].replace(EOC_TOKEN, " ").strip(), chunks[1:]
-    wrap = max(8, THUMB // 7)
-    captions = [textwrap.wrap(chunk.replace(EOC_TOKEN, "").strip(), wrap)[:4] for chunk in chunks]
+    lead, captions = prompt_captions(text)
     pad, height_text = 6, LINE * max([len(c) for c in captions] + [1])
     width = pad + len(images) * (THUMB + pad)
     top = LINE + pad if lead else pad
