@@ -1,11 +1,11 @@
 """`m3w eval` speed: the demo's three evaluations with the query items run one by one vs together.
 
 The tiny preset (random weights, saved and loaded back as `m3w eval --model` loads it) scores the demo's held-out
-sets (demo.web.write_eval_sets) with the demo's settings: fast binding at 0/1/2/4/8 shots, VQA (greedy) and
-captioning (3 beams) at 0/2/4/8, each with the images-shuffled control, on one torch thread. Each task runs with
-`batch_size=1` (every item on its own, as before batching) and with the default batch (items whose prompts have
-one length run together); the reports must be identical but for the timings. CPU seconds are measured, so a busy
-machine moves the figures less than wall time would.
+sets (demo.web.write_eval_sets) with the demo's settings (demo.run.EVALS: fast binding at 0/1/2/4/8 shots, VQA
+greedy at 0/1/2/4, captioning with 3 beams at 0/2/4/8), each with the images-shuffled control, on one torch
+thread. Each task runs with `batch_size=1` (every item on its own, as before batching) and with the default batch
+(items whose prompts have one length run together); the reports must be identical but for the timings. CPU seconds
+are measured, so a busy machine moves the figures less than wall time would.
 
 Last line: `eval_cpu_s_one_by_one=<float> eval_cpu_s_batched=<float> speedup=<float> identical=<bool>`.
 """
@@ -22,26 +22,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from m3w.demo.run import EVALS  # noqa: E402
 from m3w.demo.web import write_eval_sets  # noqa: E402
 from m3w.model import Flamingo, build_preset  # noqa: E402
 from m3w.trainer.evaluate import EvalSettings, evaluate  # noqa: E402
-
-# The demo's settings (demo/run.py EVALS): task → (query set, support set, settings)
-TASKS = {
-    "binding": ("binding", None, {"shots": (0, 1, 2, 4, 8)}),
-    "vqa": ("vqa/query", "vqa/support", {"shots": (0, 2, 4, 8), "prompt": "Question: {question} Short answer:",
-                                         "limit": 48, "num_beams": 1}),
-    "captioning": ("captioning/query", "captioning/support", {"shots": (0, 2, 4, 8), "prompt": "Here you can see",
-                                                              "limit": 24, "num_beams": 3}),
-}  # fmt: skip
 
 
 def timed_reports(model, root: Path, batch_size: int) -> tuple[float, dict[str, list[dict]]]:
     start = time.process_time()
     reports = {}
-    for task, (data, support, settings) in TASKS.items():
-        chosen = EvalSettings(task, shuffle_images=True, batch_size=batch_size, **settings)
-        report = evaluate(model, chosen, root / data, root / support if support else None)
+    for task, spec in EVALS.items():
+        chosen = EvalSettings(task, shuffle_images=True, batch_size=batch_size, **spec["settings"])
+        support = root / spec["support"] if spec["support"] else None
+        report = evaluate(model, chosen, root / spec["data"], support)
         reports[task] = [{k: v for k, v in r.items() if k != "seconds"} for r in report["results"]]
         reports[task].append(report.get("caption_loss"))
     return time.process_time() - start, reports

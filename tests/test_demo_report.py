@@ -88,6 +88,20 @@ def page(evals, tmp_path_factory) -> Path:
     return write_report(inputs, tmp_path_factory.mktemp("report") / "report.html")
 
 
+@pytest.mark.parametrize("task", ["binding", "vqa", "captioning"])
+def test_demo_eval_settings_reach_m3w_eval_as_given(task, tmp_path):
+    """The demo runs `m3w eval` with EVALS' settings as options (bench/eval_speed.py times the same settings):
+    the options parse back to those values."""
+    from m3w.demo.run import EVALS, eval_flags
+    from m3w.trainer.evaluate import eval_cmd
+
+    settings = EVALS[task]["settings"]
+    args = ["--model", str(tmp_path), "--task", task, "--data", str(tmp_path), *eval_flags(settings)]
+    params = eval_cmd.make_context("eval", args).params
+    parsed = dict(params, shots=tuple(int(s) for s in params["shots"].split(",")))
+    assert {field: parsed[field] for field in settings} == settings
+
+
 def test_report_is_one_self_contained_page(page):
     text = page.read_text()
     sources = re.findall(r'(?:src|href)="([^"]+)"', text)

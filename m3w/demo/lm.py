@@ -46,7 +46,7 @@ class NamingDrills:
     def __init__(self, tok, dim: int, seed: int, pictures: int = 10, noise: float = 0.3) -> None:
         from m3w.pipeline.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 
-        self.tok, self.dim, self.pictures, self.noise = tok, dim, pictures, noise
+        self.dim, self.pictures, self.noise = dim, pictures, noise
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.eoc, self.media = tok.convert_tokens_to_ids(EOC_TOKEN), tok.convert_tokens_to_ids(MEDIA_TOKEN)
