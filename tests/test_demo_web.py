@@ -143,7 +143,7 @@ def test_videos_decode(web):
 def test_eval_sets_in_public_formats(web):
     out, summary = web
     root = out / summary["eval"]
-    assert len(json.loads(next((root / "binding").glob("*all_questions.json")).read_text())) == 100
+    assert len(json.loads(next((root / "binding").glob("*all_questions.json")).read_text())) == 200
     for split in ("support", "query"):
         coco = json.loads((root / "captioning" / split / "captions.json").read_text())
         assert len(coco["images"]) == 36 and len(coco["annotations"]) == 5 * 36
@@ -183,6 +183,25 @@ def test_demo_lm_pretrains_on_kept_document_text(tmp_path):
 
     ids = torch.tensor([load_tokenizer()(text, add_special_tokens=False)["input_ids"]])
     assert lm(input_ids=ids, labels=ids).loss.item() < 2.0  # it learned the text (random init: ~9)
+
+
+def test_bundled_lm_names_pictures_it_never_saw():
+    """The frozen LM the package ships (`make demo-lm`) reads m3w's tokenizer, is what its record says, and gives
+    the name whose picture-vector matches in drills it never saw, as its record says."""
+    from transformers import AutoModelForCausalLM
+
+    from m3w.demo import BUNDLED_LM, LM_RECORD
+    from m3w.demo.lm import first_name_accuracy
+    from m3w.pipeline.tokenizer import load_tokenizer
+
+    record = json.loads((BUNDLED_LM / LM_RECORD).read_text())
+    lm = AutoModelForCausalLM.from_pretrained(BUNDLED_LM, dtype=torch.float32)
+    tok = load_tokenizer()
+    assert lm.config.vocab_size == len(tok) and lm.config.hidden_size == record["settings"]["dim"]
+    assert lm.config.num_hidden_layers == record["settings"]["layers"]
+    accuracy = first_name_accuracy(lm, tok, seed=2026, drills=60)
+    # a guess among the drill's two or three names is right 0.4 of the time
+    assert accuracy >= 0.8 and abs(accuracy - record["first_name_accuracy"]) < 0.05
 
 
 def test_naming_drills_show_each_name_after_its_picture_vector():
@@ -225,10 +244,11 @@ def test_naming_games_bind_fresh_names_and_the_eval_names_are_held_out(web):
             assert seen.setdefault(name, i) == i, f"{name} names pictures on two pages"
     questions = json.loads(next((out / summary["eval"] / "binding").glob("*all_questions.json")).read_text())
     eval_names = {q[f"caption_{i}"].split()[-1] for q in questions for i in range(1, 9)}
-    assert len(questions) == 100 and len(eval_names) == 200 and not eval_names & set(seen)
+    # 100 episodes of two fresh names, each asked about both of its kinds
+    assert len(questions) == 200 and len(eval_names) == 200 and not eval_names & set(seen)
     web_pictures = {p.read_bytes() for p in (out / "site" / "img" / "names").glob("*.jpg")}
     eval_pictures = {p.read_bytes() for p in (out / summary["eval"] / "binding" / "images").glob("*.jpg")}
-    assert len(eval_pictures) == 900 and not web_pictures & eval_pictures
+    assert len(eval_pictures) == 100 * 8 + 200 and not web_pictures & eval_pictures
 
 
 def test_quiz_answers_are_what_the_picture_shows(web):

@@ -272,6 +272,12 @@ def test_binding_episodes_bring_their_own_support(eval_root):
         # the support alternates the two kinds in shuffled pairs: any first 2k examples show each name k times
         assert all(sorted(names[i : i + 2]) == sorted(item.choices) for i in range(0, 8, 2))
         assert item.image.exists() and all(s.image.exists() for s in item.support)
+    # each episode is asked about both of its kinds (a new picture each): a model blind to the query picture
+    # scores exactly 0.5 on it, whichever name it prefers
+    for first, second in zip(data.examples[::2], data.examples[1::2]):
+        assert [s.image for s in first.support] == [s.image for s in second.support]
+        assert first.image != second.image
+        assert first.choices == second.choices and {first.answers[0], second.answers[0]} == set(first.choices)
     four = build_prompt(DEFAULT_PROMPTS["binding"], data.examples[0], list(data.examples[0].support[:4]))
     assert four.text.count(MEDIA_TOKEN) == 5 and four.text.endswith(f"{MEDIA_TOKEN}This is a")
     assert f"This is a {data.examples[0].support[0].answers[0]}{EOC_TOKEN}" in four.text

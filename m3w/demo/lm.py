@@ -7,6 +7,10 @@ tied input and output embeddings, so that copying a token is the identity map) a
 then hand it to `m3w train` as the frozen LM (`--set model.config.lm=DIR`). The tokenizer is m3w's default, the
 one the shards were made with.
 
+The demo ships the LM this recipe made (BUNDLED_LM, `make demo-lm` remakes it), as a user would download one:
+pretraining it takes longer than the rest of the demo together. `python -m m3w.demo.run --pretrain-lm` makes
+one in the run instead.
+
 Fast binding needs an LM that copies from its context: a pretrained LM's induction heads do that (Olsson et al.
 2022), but a tiny LM trained for a minute on a few hundred pages memorises the pages instead (it preferred a name
 it had seen in the context to a fresh one 23 times in 40). So each step also reads *naming drills*: the naming
@@ -22,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from m3w.demo import BUNDLED_LM, LM_RECORD
 from m3w.schemas.documents import document_texts
 
 
@@ -111,6 +118,7 @@ def pretrain_lm(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     lm.train()
+    drill_losses: list[float] = []
     for step in range(1, steps + 1):
         ids = chunks[rng.sample(range(len(chunks)), min(batch, len(chunks)))]
         text_loss = lm(input_ids=ids, labels=ids).loss
@@ -120,11 +128,53 @@ def pretrain_lm(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        drill_losses.append(drill_loss.item())
         if step % 100 == 0 or step == steps:
             print(f"lm pretrain step {step}/{steps} loss: text {text_loss.item():.3f} "
                   f"names shown again {drill_loss.item():.3f}", flush=True)  # fmt: skip
     target = out_dir / "lm"
     lm.save_pretrained(target)
+    record = {
+        "recipe": "m3w.demo.lm.pretrain_lm",
+        "settings": {"steps": steps, "seq_len": seq_len, "batch": batch, "drills": drills, "lr": lr, "seed": seed,
+                     "dim": shape.dim, "layers": shape.layers, "torch_threads": torch.get_num_threads()},
+        "text_tokens": len(stream),
+        "final_text_loss": round(text_loss.item(), 4),
+        "final_drill_loss": round(sum(drill_losses[-100:]) / len(drill_losses[-100:]), 4),  # last 100 steps' mean
+        "first_name_accuracy": round(first_name_accuracy(lm, tok, seed + 1), 4),  # on drills it never saw
+    }  # fmt: skip
+    (target / LM_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return target
+
+
+@torch.no_grad()
+def first_name_accuracy(lm, tok, seed: int, drills: int = 200) -> float:
+    """The share of names shown a second time whose first token the LM ranks first, in `drills` fresh drills: what
+    fast binding asks of it (before a name's first token, only the picture-vector tells which name comes)."""
+    make_drill = NamingDrills(tok, lm.config.hidden_size, seed)
+    embed = lm.get_input_embeddings()
+    scale = embed.weight.pow(2).mean().sqrt()
+    lm.eval()
+    right = total = 0
+    for _ in range(drills):
+        drill = make_drill()
+        ids = torch.tensor(drill.input_ids)
+        hidden = lm.base_model(
+            inputs_embeds=embed(ids[None]) + scale * drill.pictures[None]
+        ).last_hidden_state[0]
+        firsts = torch.tensor([t for t in drill.targets if drill.input_ids[t] == make_drill.prefix[-1]])
+        predicted = lm.get_output_embeddings()(hidden[firsts]).argmax(-1)
+        right += int((predicted == ids[firsts + 1]).sum())
+        total += len(firsts)
+    return right / total
+
+
+def bundle_lm(source: Path, target: Path = BUNDLED_LM) -> Path:
+    """Copy a pretrained demo LM, weights and pretraining record, into the package: as it is, in float32, so that
+    a run with it trains on the very numbers a run that pretrained it did."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
     return target
 
 
@@ -148,11 +198,19 @@ def naming_loss(lm, embed: torch.nn.Module, batch: list[Drill], pad_id: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("filtered_dir", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("filtered_dir", type=Path, nargs="?", help="the kept documents to pretrain on")
+    parser.add_argument("--out", type=Path, help="where to write lm/")
     parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bundle", type=Path, metavar="LM_DIR",
+                        help=f"instead: copy this pretrained LM into the package ({BUNDLED_LM})")  # fmt: skip
     args = parser.parse_args()
-    print(pretrain_lm(args.filtered_dir, args.out, steps=args.steps))
+    if args.bundle:
+        print(bundle_lm(args.bundle))
+    elif args.filtered_dir and args.out:
+        print(pretrain_lm(args.filtered_dir, args.out, steps=args.steps, seed=args.seed))
+    else:
+        parser.error("give the kept documents' folder and --out, or --bundle LM_DIR")
 
 
 if __name__ == "__main__":

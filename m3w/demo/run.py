@@ -5,9 +5,10 @@ and a verdict on whether the model it trains learns in context.
             questions), naming games that bind made-up names to pictures (fast binding), photo archive pages,
             and pages the filters must drop
 2. build    `m3w build`: extract → filter → images → shards (M3W windows, image-text pairs, video pairs), on Ray
-3. LM       the frozen LM: the tiny preset's LM pretrained on the corpus text and on naming drills that teach it
-            to copy a name from its context (demo.lm; there is no model hub offline, and Flamingo freezes a
-            *pretrained* LM)
+3. LM       the frozen LM: the tiny preset's LM pretrained on the demo web's text and on naming drills that teach
+            it to copy a name from its context (demo.lm; there is no model hub offline, and Flamingo freezes a
+            *pretrained* LM). The package ships it, as a user would download one; `--pretrain-lm` makes a new
+            one from this run's corpus (about 4 minutes more)
 4. train    `m3w train` (configs/train_demo.yaml): the four streams, the naming games' M3W stream and the caption
             pairs weighted up from the paper's mixture, the LM frozen
 5. eval     `m3w eval`: fast binding at 0/1/2/4/8 shots on held-out episodes with held-out names; VQA and
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from m3w import CONFIGS_DIR
+from m3w.demo import BUNDLED_LM, LM_RECORD
 from m3w.demo.web import build_web
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,8 +293,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="m3w end-to-end demo")
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--pages", type=int, default=480)
-    parser.add_argument("--lm-steps", type=int, default=1200, help="pretraining steps of the frozen tiny LM")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument(
+        "--lm",
+        type=Path,
+        default=BUNDLED_LM,
+        help="the frozen LM (a save_pretrained folder; "
+        "default: the one the package ships, made by `make demo-lm`)",
+    )
+    parser.add_argument(
+        "--pretrain-lm",
+        action="store_true",
+        help="pretrain the frozen LM on this run's corpus (demo.lm) instead of using --lm",
+    )
+    parser.add_argument("--lm-steps", type=int, default=1200, help="with --pretrain-lm: its steps")
+    parser.add_argument("--lm-seed", type=int, default=0, help="with --pretrain-lm: its seed")
+    parser.add_argument("--train-steps", type=int, default=450)
     args = parser.parse_args()
     os.environ.update(CHILD_ENV)
     out = Path(args.out).resolve()
@@ -319,15 +334,19 @@ def main() -> None:
         server.shutdown()
         server.server_close()
 
-    # 3. the frozen LM, pretrained on the corpus text; 4. `m3w train` with it
-    steps.run("pretrain LM", [sys.executable, "-m", "m3w.demo.lm", corpus / "filtered", "--out", out / "lm",
-                              "--steps", str(args.lm_steps)])  # fmt: skip
+    # 3. the frozen LM (the shipped one, or pretrained on this corpus); 4. `m3w train` with it
+    lm = args.lm.resolve()
+    if args.pretrain_lm:
+        steps.run("pretrain LM", [sys.executable, "-m", "m3w.demo.lm", corpus / "filtered", "--out", out / "lm",
+                                  "--steps", str(args.lm_steps), "--seed", str(args.lm_seed)])  # fmt: skip
+        lm = out / "lm" / "lm"
+    print(f"\n[demo] frozen LM: {shown(lm)} ({lm_story(lm)})", flush=True)
     shards = corpus / "shards"
     for old in (run_dir, tensorboard / RUN_NAME):
         if old.exists():
             shutil.rmtree(old)  # a fresh run each time: the report's curves are this run's
     steps.run("train", M3W + ["train", CONFIGS_DIR / "train_demo.yaml", "--set", f"output_dir={run_dir}",
-                              "--set", f"steps={args.train_steps}", "--set", f"model.config.lm={out / 'lm' / 'lm'}",
+                              "--set", f"steps={args.train_steps}", "--set", f"model.config.lm={lm}",
                               "--set", f"tensorboard_dir={tensorboard}", "--set", f"run_name={RUN_NAME}",
                               *[x for d in ("m3w", "alt_pairs", "caption_pairs", "video_pairs")
                                 for x in ("--set", f"datasets.{d}.path={shards / d}")]])  # fmt: skip
@@ -347,7 +366,7 @@ def main() -> None:
 
     # 6. the report, 7. the verdict
     checks = verdict(evals)
-    report = steps.timed("report", make_report, out, web, args, evals, checks, steps, total_start)
+    report = steps.timed("report", make_report, out, web, args, lm, evals, checks, steps, total_start)
     total = time.monotonic() - total_start
     from m3w.trainer.fewshot.metrics import format_table
 
@@ -367,7 +386,21 @@ def main() -> None:
     print(f"[demo] verdict: PASS (all {len(checks)} checks)")
 
 
-def make_report(out: Path, web: dict, args, evals: dict, checks, steps: Steps, total_start: float) -> Path:
+def lm_story(lm: Path) -> str:
+    """How the frozen LM was made, from the record demo.lm writes beside its weights."""
+    try:
+        record = json.loads((lm / LM_RECORD).read_text())
+        settings = record["settings"]
+        return (f"a {settings['layers']}-layer, {settings['dim']}-wide LM pretrained for {settings['steps']} steps on "
+                f"{record['text_tokens']:,} tokens of the demo web's kept text and on naming drills; its loss on the "
+                f"drills' names ended at {record['final_drill_loss']:.2f}")  # fmt: skip
+    except (OSError, ValueError, KeyError) as e:
+        return f"no pretraining record ({type(e).__name__}: {e})"
+
+
+def make_report(
+    out: Path, web: dict, args, lm: Path, evals: dict, checks, steps: Steps, total_start: float
+) -> Path:
     from m3w.demo.report import ReportInputs, write_report
     from m3w.pipeline.stats import funnel
 
@@ -379,8 +412,7 @@ def make_report(out: Path, web: dict, args, evals: dict, checks, steps: Steps, t
         f"A synthetic crawl of {counts['pages']} pages ({counts.get('pages.binding', 0)} naming games, "
         f"{counts.get('pages.shapes', 0)} articles about drawn shapes, {counts.get('pages.photos', 0)} photo "
         f"pages with the webcorpus photographs, and pages made to be filtered out) went through `m3w build`; "
-        f"the tiny Flamingo (a 2-layer LM pretrained on the corpus text and on naming drills for {args.lm_steps} "
-        "steps and frozen, a "
+        f"the tiny Flamingo (frozen: {lm_story(lm)}; a "
         f"frozen vision tower, a trainable Perceiver Resampler and gated cross-attention) trained for "
         f"{args.train_steps} steps on the four streams (the M3W stream, which holds the naming games, with twice the "
         "batch and the caption pairs with its loss weight), then answered held-out "
