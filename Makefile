@@ -41,7 +41,7 @@ demo: $(RUNTIME_STAMP)
 	$(BIN)/python -m m3w.demo.run --out demo-out
 
 # Remakes the frozen LM the package ships (m3w/demo/assets/lm): a demo run that pretrains one on its own corpus
-# (about 9 minutes more) and passes its verdict with it, then that LM copied into the package.
+# (about 4.5 minutes more) and passes its verdict with it, then that LM copied into the package.
 demo-lm: $(RUNTIME_STAMP)
 	$(BIN)/python -m m3w.demo.run --out demo-out --pretrain-lm
 	$(BIN)/python -m m3w.demo.lm --bundle demo-out/lm/lm

@@ -8,7 +8,7 @@ and a verdict on whether the model it trains learns in context.
 3. LM       the frozen LM: the tiny preset's LM pretrained on the demo web's text and on naming drills that teach
             it to copy a name from its context (demo.lm; there is no model hub offline, and Flamingo freezes a
             *pretrained* LM). The package ships it, as a user would download one; `--pretrain-lm` makes a new
-            one from this run's corpus (about 4 minutes more)
+            one from this run's corpus (about 4.5 minutes more)
 4. train    `m3w train` (configs/train_demo.yaml): the four streams, the naming games' M3W stream and the caption
             pairs weighted up from the paper's mixture, the LM frozen
 5. eval     `m3w eval`: fast binding at 0/1/2/4/8 shots on held-out episodes with held-out names; VQA and
