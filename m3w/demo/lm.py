@@ -152,21 +152,14 @@ def first_name_accuracy(lm, tok, seed: int, drills: int = 200) -> float:
     """The share of names shown a second time whose first token the LM ranks first, in `drills` fresh drills: what
     fast binding asks of it (before a name's first token, only the picture-vector tells which name comes)."""
     make_drill = NamingDrills(tok, lm.config.hidden_size, seed)
-    embed = lm.get_input_embeddings()
-    scale = embed.weight.pow(2).mean().sqrt()
-    lm.eval()
-    right = total = 0
+    batch = []
     for _ in range(drills):
         drill = make_drill()
-        ids = torch.tensor(drill.input_ids)
-        hidden = lm.base_model(
-            inputs_embeds=embed(ids[None]) + scale * drill.pictures[None]
-        ).last_hidden_state[0]
-        firsts = torch.tensor([t for t in drill.targets if drill.input_ids[t] == make_drill.prefix[-1]])
-        predicted = lm.get_output_embeddings()(hidden[firsts]).argmax(-1)
-        right += int((predicted == ids[firsts + 1]).sum())
-        total += len(firsts)
-    return right / total
+        firsts = [t for t in drill.targets if drill.input_ids[t] == make_drill.prefix[-1]]
+        batch.append(dataclasses.replace(drill, targets=firsts))
+    lm.eval()
+    logits, names = target_logits(lm, lm.get_input_embeddings(), batch, make_drill.eoc)
+    return (logits.argmax(-1) == names).float().mean().item()
 
 
 def bundle_lm(source: Path, target: Path = BUNDLED_LM) -> Path:
@@ -179,8 +172,16 @@ def bundle_lm(source: Path, target: Path = BUNDLED_LM) -> Path:
 
 
 def naming_loss(lm, embed: torch.nn.Module, batch: list[Drill], pad_id: int) -> torch.Tensor:
-    """Next-token NLL at the drills' target positions only, the picture-vectors added to the token embeddings
-    (scaled to the embeddings' own RMS, which training moves). The LM head runs on those positions alone."""
+    """Next-token NLL at the drills' target positions only (`target_logits`)."""
+    return F.cross_entropy(*target_logits(lm, embed, batch, pad_id))
+
+
+def target_logits(
+    lm, embed: torch.nn.Module, batch: list[Drill], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's logits at the drills' target positions and the tokens that follow them there, the picture-vectors
+    added to the token embeddings (scaled to the embeddings' own RMS, which training moves). The drills are padded
+    at their ends, which a causal LM's earlier positions never see; the LM head runs on the targets alone."""
     length = max(len(d.input_ids) for d in batch)
     ids = torch.full((len(batch), length), pad_id)
     pictures = torch.zeros(len(batch), length, embed.embedding_dim)
@@ -193,7 +194,7 @@ def naming_loss(lm, embed: torch.nn.Module, batch: list[Drill], pad_id: int) -> 
     scale = embed.weight.detach().pow(2).mean().sqrt()
     hidden = lm.base_model(inputs_embeds=embed(ids) + scale * pictures).last_hidden_state
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    return F.cross_entropy(lm.get_output_embeddings()(hidden[rows_t, cols_t]), ids[rows_t, cols_t + 1])
+    return lm.get_output_embeddings()(hidden[rows_t, cols_t]), ids[rows_t, cols_t + 1]
 
 
 def main() -> None:
